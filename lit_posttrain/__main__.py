@@ -1,0 +1,3 @@
+from lit_posttrain.cli import main
+
+main()

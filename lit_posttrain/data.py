@@ -1,0 +1,171 @@
+"""Dataset loading and format checks, shared by every method's DataModule.
+
+Sources: a hub id (``"trl-lib/Capybara"``), a local ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv``
+file or a directory of them, an in-memory list of dicts, or a `datasets.Dataset`.
+
+Formats (the field's usual column names):
+
+| format                  | columns                                   |
+|-------------------------|-------------------------------------------|
+| language modeling       | ``text`` or ``messages``                  |
+| prompt-completion       | ``prompt`` + ``completion``               |
+| preference              | ``prompt`` (optional) + ``chosen`` + ``rejected`` |
+| unpaired preference     | ``prompt`` + ``completion`` + ``label``   |
+| prompt-only             | ``prompt`` (+ any columns rewards need)   |
+
+Each text column is either a string ("plain") or a list of ``{"role", "content"}`` messages
+("conversational"). `check_rows` validates every row before training starts and raises a
+`DataFormatError` naming the source, row index, column and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import datasets
+
+DatasetSource = Union[str, list, datasets.Dataset]
+ROLES = ("system", "user", "assistant", "tool")
+_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataFormatError(ValueError):
+    """A dataset row does not have the expected format; the message names source, row and column."""
+
+
+def describe_source(source: DatasetSource) -> str:
+    if isinstance(source, str):
+        return source
+    if isinstance(source, list):
+        return "in-memory list"
+    return f"in-memory Dataset ({source.num_rows} rows)"
+
+
+def load_rows(source: DatasetSource, *, split: str = "train", name: str | None = None) -> datasets.Dataset:
+    """Load ``source`` as a `datasets.Dataset` (one split).
+
+    Local paths are read with the loader their extension names; anything else that is a string is
+    taken as a hub id (which needs network access).
+    """
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, list):
+        if not source:
+            raise DataFormatError("in-memory list: the dataset is empty")
+        return datasets.Dataset.from_list(source)
+    if not isinstance(source, str):
+        raise TypeError(f"a dataset is a path, hub id, list of dicts or datasets.Dataset, got {type(source)}")
+    path = Path(source)
+    if path.exists():
+        files = sorted(p for p in path.iterdir() if p.suffix in _EXTENSIONS) if path.is_dir() else [path]
+        if not files:
+            raise DataFormatError(f"{source}: no {', '.join(_EXTENSIONS)} files found")
+        kinds = {_EXTENSIONS.get(p.suffix) for p in files}
+        if None in kinds or len(kinds) > 1:
+            raise DataFormatError(
+                f"{source}: expected files ending in one of {', '.join(_EXTENSIONS)} (all of one kind), "
+                f"got {', '.join(p.name for p in files)}"
+            )
+        try:
+            return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+            raise DataFormatError(f"{source}: could not be read as {kinds}: {err}") from err
+    if path.suffix in _EXTENSIONS or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"dataset file or directory not found: {source}")
+    return datasets.load_dataset(source, name, split=split)
+
+
+def split_rows(
+    dataset: datasets.Dataset, val_size: float | int, seed: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Hold out ``val_size`` rows (a fraction if < 1) as a validation set, deterministically."""
+    if not 0 < val_size < len(dataset):
+        raise ValueError(f"val_size must be in (0, {len(dataset)}) for a dataset of {len(dataset)} rows, got {val_size}")
+    parts = dataset.train_test_split(test_size=val_size, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def is_conversational(value: Any) -> bool:
+    """A list of ``{"role", "content"}`` messages."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _check_messages(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise DataFormatError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {_show(value)}")
+    for j, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataFormatError(f"{where}, message {j}: expected a dict with 'role' and 'content', got {_show(message)}")
+        if message["role"] not in ROLES:
+            raise DataFormatError(f"{where}, message {j}: role must be one of {ROLES}, got {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise DataFormatError(f"{where}, message {j}: content must be a string, got {_show(message['content'])}")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_rows(
+    dataset: datasets.Dataset,
+    *,
+    required: dict[str, str],
+    source: str,
+    optional: dict[str, str] | None = None,
+) -> None:
+    """Check every row before training starts.
+
+    Args:
+        required: column -> kind, kinds being ``"text"`` (a non-empty string or a list of messages),
+            ``"str"``, ``"messages"``, ``"bool"``, ``"number"`` and ``"any"``.
+        optional: columns checked only when present.
+        source: how to name the dataset in errors (a path, hub id, ...).
+
+    Raises:
+        DataFormatError: naming the source, the row index (0-based, as `datasets` counts it), the
+            column and what was expected.
+    """
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise DataFormatError(
+            f"{source}: missing column(s) {missing}; expected {sorted(required)}, found {dataset.column_names}"
+        )
+    columns = dict(required)
+    columns.update({c: k for c, k in (optional or {}).items() if c in dataset.column_names})
+    for i, row in enumerate(dataset.select_columns(list(columns)).to_iterable_dataset()):
+        for column, kind in columns.items():
+            _check_value(row[column], kind, f"{source}: row {i}, column '{column}'")
+
+
+def _check_value(value: Any, kind: str, where: str) -> None:
+    if kind == "any":
+        return
+    if kind == "text":
+        if isinstance(value, list):
+            _check_messages(value, where)
+        elif not isinstance(value, str) or not value:
+            raise DataFormatError(f"{where}: expected a non-empty string or a list of messages, got {_show(value)}")
+    elif kind == "str":
+        if not isinstance(value, str) or not value:
+            raise DataFormatError(f"{where}: expected a non-empty string, got {_show(value)}")
+    elif kind == "messages":
+        _check_messages(value, where)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise DataFormatError(f"{where}: expected true or false, got {_show(value)}")
+    elif kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataFormatError(f"{where}: expected a number, got {_show(value)}")
+    else:
+        raise ValueError(f"unknown column kind {kind!r}")
+
+
+def extract_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Split conversational ``chosen`` / ``rejected`` that share their leading messages into
+    ``(prompt, chosen, rejected)``: the prompt is the longest common prefix of whole messages."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]

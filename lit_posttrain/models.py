@@ -1,0 +1,168 @@
+"""Model and tokenizer loading, shared by every method.
+
+A model comes from a hub id, a local directory with weights, or (``random_init=True``) only a
+config: the directory's ``config.json`` (optionally updated by ``model_config``), or a
+``model_config`` dict with a ``model_type`` alone. LoRA adapters come from a `LoRAConfig`, which
+maps one to one onto YAML fields.
+
+QLoRA (GPU only): load with ``quantization_config`` through ``model_kwargs`` of your own
+subclass or pass ``dtype="bfloat16"`` and a 4-bit ``BitsAndBytesConfig``; see README "QLoRA".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter settings (PEFT `LoraConfig` fields with the usual names).
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (`lora_alpha`); the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or ``"all-linear"`` for every linear layer but the head.
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. ``["score"]``).
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+
+    def to_peft(self, task_type: str):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            use_rslora=self.use_rslora,
+            task_type=task_type,
+        )
+
+
+def load_tokenizer(
+    name_or_path: str | PreTrainedTokenizerBase, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; a pad token is set to EOS when the tokenizer has none."""
+    if isinstance(name_or_path, PreTrainedTokenizerBase):
+        return name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | None,
+    *,
+    task: Literal["causal-lm", "sequence-classification"] = "causal-lm",
+    random_init: bool = False,
+    model_config: dict | None = None,
+    init_seed: int = 0,
+    dtype: DType = "float32",
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    lora: LoRAConfig | None = None,
+    num_labels: int = 1,
+) -> PreTrainedModel:
+    """Load (or build, with ``random_init``) a model for ``task`` and optionally wrap it in LoRA.
+
+    Args:
+        name_or_path: hub id or local directory. May be None only with ``random_init`` and a
+            ``model_config`` that names its ``model_type``.
+        random_init: build from the config with freshly initialised weights (seeded by ``init_seed``).
+        model_config: config fields to override (or, with ``random_init`` and no path, the whole config).
+        dtype: parameter dtype at load time. Lightning's ``precision`` still decides compute dtype.
+        attn_implementation: e.g. ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``.
+        gradient_checkpointing: recompute activations in the backward pass (non-reentrant).
+        lora: wrap the model in PEFT LoRA adapters; the base weights are frozen.
+        num_labels: output size of a sequence-classification head.
+    """
+    if name_or_path is None and not (random_init and model_config and "model_type" in model_config):
+        raise ValueError(
+            "model_name_or_path is required, unless random_init=True and model_config names a 'model_type'"
+        )
+    model_config = dict(model_config or {})
+    if name_or_path is None:
+        config = AutoConfig.for_model(**model_config)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **model_config)
+    if task == "sequence-classification":
+        config.num_labels = num_labels
+        if config.pad_token_id is None:
+            config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
+    auto_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    torch_dtype = _DTYPES[dtype]
+
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = auto_class.from_config(
+                config, dtype=None if torch_dtype == "auto" else torch_dtype, **kwargs
+            )
+    else:
+        if os.path.isdir(name_or_path) and not _has_weights(name_or_path):
+            raise FileNotFoundError(
+                f"{name_or_path} has no model weights (*.safetensors / *.bin). "
+                "Set random_init: true to build the model from its config.json with random weights."
+            )
+        model = auto_class.from_pretrained(name_or_path, config=config, dtype=torch_dtype, **kwargs)
+    if random_init and name_or_path is not None and os.path.isfile(os.path.join(name_or_path, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(name_or_path)
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None:
+        from peft import get_peft_model
+
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+        peft_task = "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS"
+        model = get_peft_model(model, lora.to_peft(peft_task))
+    return model
+
+
+def _has_weights(path: str) -> bool:
+    return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path))
+
+
+def unwrap_peft(model) -> PreTrainedModel:
+    """The underlying transformers model of a PEFT model (the model itself otherwise)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

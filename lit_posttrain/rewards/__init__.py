@@ -1,0 +1,1 @@
+"""Built-in reward functions: callables ``(prompts, completions, **dataset_columns) -> list[float | None]``."""
