@@ -8,13 +8,9 @@ The names exported here are the stable API (semantic versioning; deprecations wa
 __version__ = "0.1.0"
 
 from lit_posttrain.models import LoRAConfig, load_model, load_tokenizer
-from lit_posttrain.stable.sft import DataCollatorForLanguageModeling, SFTDataModule, SFTModule
 
 __all__ = [
-    "DataCollatorForLanguageModeling",
     "LoRAConfig",
-    "SFTDataModule",
-    "SFTModule",
     "load_model",
     "load_tokenizer",
 ]
