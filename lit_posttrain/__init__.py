@@ -8,8 +8,31 @@ The names exported here are the stable API (semantic versioning; deprecations wa
 __version__ = "0.1.0"
 
 from lit_posttrain.models import LoRAConfig, load_model, load_tokenizer
+from lit_posttrain.stable.dpo import DataCollatorForPreference, DPODataModule, DPOModule, dpo_loss
+from lit_posttrain.stable.sft import DataCollatorForLanguageModeling, SFTDataModule, SFTModule, sft_loss
+from lit_posttrain.stable.grpo import GRPODataModule, GRPOModule, group_advantages, grpo_loss
+from lit_posttrain.stable.rloo import RLOODataModule, RLOOModule, rloo_advantages
+from lit_posttrain.stable.reward import RewardDataModule, RewardModule, reward_loss
 
 __all__ = [
+    "GRPODataModule",
+    "GRPOModule",
+    "group_advantages",
+    "grpo_loss",
+    "RLOODataModule",
+    "RLOOModule",
+    "rloo_advantages",
+    "DataCollatorForPreference",
+    "DPODataModule",
+    "DPOModule",
+    "dpo_loss",
+    "RewardDataModule",
+    "RewardModule",
+    "reward_loss",
+    "DataCollatorForLanguageModeling",
+    "SFTDataModule",
+    "SFTModule",
+    "sft_loss",
     "LoRAConfig",
     "load_model",
     "load_tokenizer",

@@ -48,6 +48,10 @@ def cli_main(args=None, run: bool = True) -> PostTrainCLI:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["vllm-serve"]:  # `lit-posttrain vllm-serve --model PATH ...` (not a LightningCLI subcommand)
+        from lit_posttrain.vllm_serve import main as vllm_serve_main
+
+        return vllm_serve_main(sys.argv[2:])
     cli_main()
 
 

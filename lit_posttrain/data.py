@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import datasets
+import pyarrow as pa
 
 DatasetSource = Union[str, list, datasets.Dataset]
 ROLES = ("system", "user", "assistant", "tool")
@@ -53,7 +54,10 @@ def load_rows(source: DatasetSource, *, split: str = "train", name: str | None =
     if isinstance(source, list):
         if not source:
             raise DataFormatError("in-memory list: the dataset is empty")
-        return datasets.Dataset.from_list(source)
+        try:
+            return datasets.Dataset.from_list(source)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:  # a column mixes kinds (e.g. strings and numbers)
+            raise DataFormatError(f"in-memory list: {_odd_value(source)} ({err})") from err
     if not isinstance(source, str):
         raise TypeError(f"a dataset is a path, hub id, list of dicts or datasets.Dataset, got {type(source)}")
     path = Path(source)
@@ -74,6 +78,29 @@ def load_rows(source: DatasetSource, *, split: str = "train", name: str | None =
     if path.suffix in _EXTENSIONS or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise FileNotFoundError(f"dataset file or directory not found: {source}")
     return datasets.load_dataset(source, name, split=split)
+
+
+def _odd_value(rows: list) -> str:
+    """Name the first value whose kind differs from most of its column (what Arrow refuses)."""
+
+    def kind(value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            return "bool"
+        return "number" if isinstance(value, (int, float)) else type(value).__name__
+
+    for column in dict.fromkeys(c for row in rows if isinstance(row, dict) for c in row):
+        kinds = [kind(row.get(column)) if isinstance(row, dict) else None for row in rows]
+        counts: dict[str, int] = {}
+        for k in kinds:
+            if k is not None:
+                counts[k] = counts.get(k, 0) + 1
+        if len(counts) > 1:
+            common = max(counts, key=counts.get)
+            i = next(i for i, k in enumerate(kinds) if k not in (None, common))
+            return f"row {i}, column '{column}': expected a {common} like most rows, got {_show(rows[i][column])}"
+    return "the rows cannot be stored as one table"
 
 
 def split_rows(
@@ -169,3 +196,103 @@ def extract_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict]
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+class LookaheadLoader:
+    """Training micro-batches that know the size of their whole optimizer step.
+
+    A plain DataLoader cannot tell a micro-batch how many target tokens the other micro-batches of
+    the same gradient-accumulation window hold, so losses normalised per micro-batch change with
+    the accumulation setting. This iterable reads ``accumulate_grad_batches`` micro-batches ahead
+    and attaches ``num_items_in_batch`` (this rank's count over the window, a 0-d tensor) to each;
+    the module sums it over ranks. Windows start at the beginning of each epoch, as Lightning's
+    accumulation does.
+
+    Shuffling is seeded by ``seed + epoch`` (Lightning's epoch when a trainer is attached), with a
+    `DistributedSampler` when the trainer runs several processes. It is stateful: Lightning saves
+    ``state_dict()`` in checkpoints, and a resumed run skips the micro-batches already consumed in
+    the interrupted epoch.
+    """
+
+    def __init__(
+        self,
+        examples,
+        *,
+        batch_size: int,
+        collate_fn,
+        count_items,
+        accumulate_grad_batches: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        trainer=None,
+    ):
+        self.examples, self.batch_size, self.collate_fn = examples, batch_size, collate_fn
+        self.count_items, self.accumulate_grad_batches = count_items, accumulate_grad_batches
+        self.shuffle, self.seed, self.drop_last, self.num_workers = shuffle, seed, drop_last, num_workers
+        self.trainer = trainer
+        self._epoch = 0
+        self._yielded = 0  # micro-batches handed out in the current epoch
+        self._skip = 0  # micro-batches to skip at the next __iter__ (resume)
+
+    def _sampler(self, epoch: int):
+        import torch
+        from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = DistributedSampler(
+                self.examples,
+                num_replicas=self.trainer.world_size,
+                rank=self.trainer.global_rank,
+                shuffle=self.shuffle,
+                seed=self.seed,
+                drop_last=self.drop_last,
+            )
+            sampler.set_epoch(epoch)
+            return sampler
+        if not self.shuffle:
+            return SequentialSampler(self.examples)
+        return RandomSampler(self.examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def __len__(self) -> int:
+        n = len(self._sampler(0))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        import torch
+        from torch.utils.data import DataLoader
+
+        epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch
+        loader = DataLoader(
+            self.examples,
+            batch_size=self.batch_size,
+            sampler=self._sampler(epoch),
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+        )
+        iterator = iter(loader)
+        skip, self._skip, self._yielded = self._skip, 0, 0
+        while True:
+            window = []
+            for batch in iterator:
+                window.append(batch)
+                if len(window) == self.accumulate_grad_batches:
+                    break
+            if not window:
+                break
+            total = torch.tensor(sum(self.count_items(batch) for batch in window))
+            for batch in window:
+                self._yielded += 1
+                if self._yielded <= skip:
+                    continue
+                batch["num_items_in_batch"] = total
+                yield batch
+        self._epoch = epoch + 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch, self._skip = state["epoch"], state["yielded"]

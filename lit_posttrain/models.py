@@ -89,6 +89,7 @@ def load_model(
     trust_remote_code: bool = False,
     lora: LoRAConfig | None = None,
     num_labels: int = 1,
+    pad_token_id: int | None = None,
 ) -> PreTrainedModel:
     """Load (or build, with ``random_init``) a model for ``task`` and optionally wrap it in LoRA.
 
@@ -102,6 +103,9 @@ def load_model(
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant).
         lora: wrap the model in PEFT LoRA adapters; the base weights are frozen.
         num_labels: output size of a sequence-classification head.
+        pad_token_id: the id the collator pads with (sequence classification). The head reads its
+            score at the last token that is not ``config.pad_token_id``, so the two must agree; None
+            keeps the config's pad id (EOS when it has none).
     """
     if name_or_path is None and not (random_init and model_config and "model_type" in model_config):
         raise ValueError(
@@ -114,7 +118,9 @@ def load_model(
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **model_config)
     if task == "sequence-classification":
         config.num_labels = num_labels
-        if config.pad_token_id is None:
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
+        elif config.pad_token_id is None:
             config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
     auto_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -166,3 +172,9 @@ def is_peft_model(model) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a (PEFT-wrapped) model: the units FSDP2 shards."""
+    layer_classes = set(unwrap_peft(model)._no_split_modules or [])
+    return [m for m in model.modules() if type(m).__name__ in layer_classes]
