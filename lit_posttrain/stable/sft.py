@@ -13,9 +13,12 @@ Departures from common practice, numbered:
    `SFTDataModule` attaches ``num_items_in_batch`` to each micro-batch by looking ahead over the
    accumulation window; without it (your own DataLoader) each micro-batch is normalised by its own
    tokens.
-2. Best-fit-decreasing packing is padding-free: a micro-batch is one row whose ``position_ids``
+2. Best-fit-decreasing packing fills each row with whole sequences and ``position_ids`` that
    restart at every sequence; transformers builds a block-diagonal mask from them, so attention
-   never crosses documents and the loss equals the unpacked loss.
+   never crosses documents and the loss equals the unpacked loss. Rows are not concatenated into
+   one (the usual "padding-free" layout): without a varlen attention kernel (flash-attention) a
+   single long row costs attention quadratic in the whole batch's length; BFD rows are nearly
+   full, so the padding left is small.
 
 Supports: plain text (``text``), conversations (``messages``), prompt-completion (plain or
 conversational); completion-only and assistant-only loss; packing (``bfd``, ``wrapped``); LoRA;
@@ -62,15 +65,16 @@ class DataCollatorForLanguageModeling:
     Each example has ``input_ids`` (list[int]), ``completion_mask`` (1 where the loss is taken) and
     ``seq_lengths`` (lengths of the sequences it packs; one entry when not packed).
 
-    Padded (``padding_free=False``): ``input_ids`` and ``labels`` (B, T) right-padded,
-    ``attention_mask`` (B, T). Padding-free: everything concatenated into one row (1, N) with
-    ``position_ids`` restarting at 0 for every sequence and no ``attention_mask``. In both, a
-    sequence's first token has label -100: nothing before it in that sequence predicts it.
+    Returns ``input_ids`` and ``labels`` (B, T), right-padded, and either ``attention_mask`` (B, T)
+    or, with ``packed=True``, ``position_ids`` (B, T) that restart at 0 for every packed sequence
+    (and for the padding tail): transformers then builds a block-diagonal causal mask from them, so
+    no token attends across documents. A sequence's first token has label -100: nothing before it
+    in that sequence predicts it.
     """
 
-    def __init__(self, pad_token_id: int, padding_free: bool = False):
+    def __init__(self, pad_token_id: int, packed: bool = False):
         self.pad_token_id = pad_token_id
-        self.padding_free = padding_free
+        self.packed = packed
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         input_ids, labels, position_ids = [], [], []
@@ -82,17 +86,14 @@ class DataCollatorForLanguageModeling:
             input_ids.append(ids)
             labels.append(target)
             position_ids.append(positions)
-        if self.padding_free:
-            return {
-                "input_ids": torch.cat(input_ids)[None],  # (1, N)
-                "labels": torch.cat(labels)[None],
-                "position_ids": torch.cat(position_ids)[None],
-            }
-        return {
-            "input_ids": pad(input_ids, self.pad_token_id),  # (B, T)
-            "attention_mask": pad([torch.ones_like(ids) for ids in input_ids], 0),
-            "labels": pad(labels, -100),
-        }
+        batch = {"input_ids": pad(input_ids, self.pad_token_id), "labels": pad(labels, -100)}  # (B, T)
+        if self.packed:
+            longest = batch["input_ids"].size(1)
+            # the padding tail is a segment of its own, restarting at 0 (causal: real tokens never see it)
+            batch["position_ids"] = pad([torch.cat([p, torch.arange(longest - len(p))]) for p in position_ids], 0)
+        else:
+            batch["attention_mask"] = pad([torch.ones_like(ids) for ids in input_ids], 0)
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +129,8 @@ class SFTDataModule(L.LightningDataModule):
         val_size: fraction (< 1) or number of training rows held out for validation.
         batch_size: sequences (or packs, with packing) per micro-batch.
         max_length: tokens per sequence (or per pack); longer sequences are truncated, keeping the start.
-        packing: ``"bfd"`` (best-fit-decreasing, padding-free, no attention across documents),
+        packing: ``"bfd"`` (best-fit-decreasing: each row packs whole sequences up to ``max_length``,
+            with ``position_ids`` restarting per sequence, so no attention across documents),
             ``"wrapped"`` (concatenate everything and cut into ``max_length`` chunks; attention
             crosses documents) or None.
         completion_only_loss: for prompt-completion data, take the loss on completion tokens only.
@@ -159,7 +161,7 @@ class SFTDataModule(L.LightningDataModule):
         self.batch_size, self.max_length, self.packing = batch_size, max_length, packing
         self.completion_only_loss, self.assistant_only_loss = completion_only_loss, assistant_only_loss
         self.val_size, self.num_workers, self.seed, self.dataset_split = val_size, num_workers, seed, dataset_split
-        self.collator = DataCollatorForLanguageModeling(self.tokenizer.pad_token_id, padding_free=packing is not None)
+        self.collator = DataCollatorForLanguageModeling(self.tokenizer.pad_token_id, packed=packing is not None)
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] | None = None
 

@@ -61,9 +61,10 @@ def test_collator_padded_exact():
     assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
 
 
-def test_collator_padding_free_position_ids_exact():
-    """Padding-free: one row, position_ids restart per packed sequence, sequence starts unlabelled."""
-    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+def test_collator_packed_position_ids_exact():
+    """Packed rows: position_ids restart per packed sequence (and for the padding tail), sequence
+    starts and padding unlabelled, no attention_mask (the mask comes from position_ids)."""
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, packed=True)
     batch = collator(
         [
             {"input_ids": [5, 6, 7, 8, 9], "completion_mask": [0, 1, 1, 1, 1], "seq_lengths": [3, 2]},
@@ -71,9 +72,9 @@ def test_collator_padding_free_position_ids_exact():
         ]
     )
     assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 11]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [10, 11, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 11, -100, -100, -100]]
 
 
 def test_pack_bfd_exact_bins():
@@ -127,12 +128,12 @@ def test_max_length_truncation_keeps_start(tiny_tokenizer):
 
 # ------------------------------------------------------------------------------ packing = unpacked
 def test_packed_loss_equals_unpacked(tiny_model_dir):
-    """The loss on a BFD-packed, padding-free batch equals the loss on the same sequences padded."""
+    """The loss on a BFD-packed batch (several sequences per row) equals the loss on the same sequences padded."""
     rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(1, 2), (13, 29), (7, 40), (45, 5), (0, 0)]]
     module = SFTModule(tiny_model_dir, random_init=True).eval()
     losses = {}
     for packing in (None, "bfd"):
-        dm = SFTDataModule(tiny_model_dir, train_data=rows, batch_size=len(rows), max_length=32, packing=packing)
+        dm = SFTDataModule(tiny_model_dir, train_data=rows, batch_size=len(rows), max_length=16, packing=packing)
         dm.setup()
         batch = dm.collator(dm.train_examples)
         with torch.no_grad():
