@@ -3,13 +3,26 @@
 Online methods call ``self.rollout.generate(self.model, prompt_ids, ...)`` visibly in
 ``training_step``. The `VLLMRollout` callback swaps in an engine with the same ``generate``
 signature; nothing else in the method changes.
+
+Sharded policies (FSDP2 ``fully_shard``, FSDP1): every forward all-gathers parameters, a
+collective, so all ranks must run the same number of decoding steps although their completions
+end at different lengths. `HFRollout` then passes ``synced_gpus=True`` to ``generate``: a rank
+whose completions have all ended keeps running (discarded) forwards until every rank is done.
+Every rank must also call ``generate`` the same number of times (equal prompts per rank).
+
+Reproducible sampling: ``generate`` samples with the global RNG. `sampling_rng` runs a block with
+the global RNG taken from a ``torch.Generator`` the caller owns (and checkpoints), so sampling can
+be resumed exactly and does not shift, or get shifted by, other users of the global RNG.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from lit_posttrain.ops import pad
 
@@ -89,6 +102,7 @@ class HFRollout:
                     eos_token_id=eos_ids,
                     pad_token_id=pad_id,
                     use_cache=True,
+                    synced_gpus=_synced_gpus(model),
                 )  # (N, P + C)
                 for row in out[:, input_ids.size(1) :].tolist():
                     completion_ids.append(_cut_at_eos(row, eos_ids))
@@ -113,3 +127,49 @@ def _cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
         if token in eos_ids:
             return row[: i + 1]
     return row
+
+
+def _synced_gpus(model) -> bool | None:
+    """True for a model sharded over several processes (FSDP2 / FSDP1): all ranks then decode in
+    lockstep. None lets transformers decide (it detects DeepSpeed ZeRO-3 itself).
+
+    transformers also detects FSDP2 through the ``_is_fsdp_managed_module`` marker ``fully_shard``
+    sets, and FSDP1 only when ``model`` itself is the FSDP wrapper; deciding here does not depend
+    on either (without lockstep, gloo aborts with "Received data size doesn't match expected size").
+    """
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    sharded = any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+    return True if sharded else None
+
+
+@contextmanager
+def sampling_rng(generator: torch.Generator) -> Iterator[None]:
+    """Draw the random numbers of the block (e.g. ``generate``'s sampling) from ``generator``.
+
+    Inside the block the global RNG of ``generator``'s device starts from ``generator``'s state;
+    afterwards ``generator`` holds the advanced state and the global RNG is back where it was. A
+    module that owns ``generator`` and saves ``generator.get_state()`` in its checkpoints resumes
+    its sampling exactly. Use a generator on the device that samples (the policy's device).
+
+        with sampling_rng(self.generator):
+            rollout = self.rollout.generate(self.model, prompt_ids, num_generations=8)
+    """
+    device = generator.device
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(generator.get_state())
+            try:
+                yield
+            finally:
+                generator.set_state(torch.get_rng_state())
+    else:
+        backend = torch.get_device_module(device.type)
+        with torch.random.fork_rng(devices=[device], device_type=device.type):
+            backend.set_rng_state(generator.get_state(), device)
+            try:
+                yield
+            finally:
+                generator.set_state(backend.get_rng_state(device))

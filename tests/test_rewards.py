@@ -20,7 +20,10 @@ from lit_posttrain.rewards import (
     "completion, reference",
     [
         ("The answer is 72.", "72"),  # trailing period and text before
-        ("Natalia sold 48 + 24 = 72 clips. #### 72", "Natalia sold 48/2 = 24 clips...\n#### 72"),  # GSM8K marker
+        (
+            "Natalia sold 48 + 24 = 72 clips. #### 72",
+            "Natalia sold 48/2 = 24 clips...\n#### 72",
+        ),  # GSM8K marker
         ("so the total is \\boxed{1,234}", "1234"),  # thousands separator inside \boxed
         ("1234", "1,234"),
         ("The answer is 1{,}000 meters", "1000"),  # LaTeX thousands separator, units after
@@ -104,7 +107,9 @@ def test_raising_reward_names_function_and_sample():
     """A reward function that raises is reported with its name, the failing sample's index and prompt."""
     prompts, completions = ["p0", "p1", "the bad prompt"], ["abcd", "abcde", "abc"]
     with pytest.raises(RewardFunctionError) as info:
-        score_completions([_reward_that_fails_on_sample_two], prompts, completions, completion_ids=[[1]] * 3, columns={})
+        score_completions(
+            [_reward_that_fails_on_sample_two], prompts, completions, completion_ids=[[1]] * 3, columns={}
+        )
     message = str(info.value)
     assert "_reward_that_fails_on_sample_two" in message and "ZeroDivisionError" in message
     assert "sample 2" in message and "the bad prompt" in message
@@ -120,7 +125,9 @@ def test_score_completions_none_nan_and_bad_outputs():
         return [float("nan"), 2, True]
 
     with pytest.warns(UserWarning, match="'returns_nan' returned NaN for 1 of 3 samples"):
-        rewards = score_completions([half_none, returns_nan], ["a", "b", "c"], ["x", "y", "z"], completion_ids=[[1]] * 3, columns={})
+        rewards = score_completions(
+            [half_none, returns_nan], ["a", "b", "c"], ["x", "y", "z"], completion_ids=[[1]] * 3, columns={}
+        )
     expected = torch.tensor([[1.0, float("nan")], [float("nan"), 2.0], [0.5, 1.0]])
     assert torch.equal(rewards.isnan(), expected.isnan())
     assert torch.allclose(rewards.nan_to_num(), expected.nan_to_num())
@@ -129,10 +136,18 @@ def test_score_completions_none_nan_and_bad_outputs():
         short = _named("short", lambda p, c, **k: [1.0])
         score_completions([short], ["a", "b"], ["x", "y"], completion_ids=[[1]] * 2, columns={})
     with pytest.raises(RewardFunctionError, match="returned 'good' for sample 1"):
-        score_completions([_named("text", lambda p, c, **k: [1.0, "good"])], ["a", "b"], ["x", "y"], completion_ids=[[1]] * 2, columns={})
+        score_completions(
+            [_named("text", lambda p, c, **k: [1.0, "good"])],
+            ["a", "b"],
+            ["x", "y"],
+            completion_ids=[[1]] * 2,
+            columns={},
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the NaN warning is given once per function
-        score_completions([returns_nan], ["a", "b", "c"], ["x", "y", "z"], completion_ids=[[1]] * 3, columns={})
+        score_completions(
+            [returns_nan], ["a", "b", "c"], ["x", "y", "z"], completion_ids=[[1]] * 3, columns={}
+        )
 
 
 def test_reward_func_names():

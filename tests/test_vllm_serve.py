@@ -39,9 +39,9 @@ def server(tiny_model_dir):
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     yield process, f"http://127.0.0.1:{port}"
-    if process.poll() is None:  # the shutdown test did not run: SIGTERM is handled the same way
+    if process.poll() is None:  # the shutdown test did not run: SIGTERM stops it the same way
         process.terminate()
-        process.wait(timeout=60)
+        assert process.wait(timeout=60) == 0
 
 
 def _sft_step(model, optimizer, tokenizer):

@@ -380,6 +380,7 @@ class RewardModule(L.LightningModule):
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_mean_reward, self.val_min_reward, self.val_max_reward = MeanMetric(), MinMetric(), MaxMetric()
+        self._step_sums, self._step_sums_at = None, -1  # training metric sums of the current optimizer step
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
@@ -399,29 +400,49 @@ class RewardModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         rewards = self(batch["input_ids"], batch["attention_mask"])  # (2B,)
         chosen_rewards, rejected_rewards = rewards.chunk(2)  # (B,), (B,)
+        num_pairs = chosen_rewards.new_tensor(chosen_rewards.numel())
+        batch_loss, metrics = reward_loss(
+            chosen_rewards.detach(),
+            rejected_rewards.detach(),
+            margin=batch.get("margin"),
+            center_rewards_coefficient=self.center_rewards_coefficient,
+        )
         num_items_in_batch = batch.get("num_items_in_batch")
+        # one collective for the sums (the loss normaliser, pair-weighted metric sums, tokens) and
+        # one for the extremes, over all ranks
+        stats = [num_items_in_batch if num_items_in_batch is not None else num_pairs, num_pairs]
+        stats += [batch_loss * num_pairs]
+        stats += [metrics[name] * num_pairs for name in ("accuracy", "margin", "mean_reward")]
+        stats += [batch["attention_mask"].sum()]
+        sums = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats]), reduce_op="sum")
+        extremes = torch.stack([metrics["max_reward"], -metrics["min_reward"]])
+        extremes = self.trainer.strategy.reduce(extremes, reduce_op="max")
         if num_items_in_batch is not None:
             # pairs of the whole optimizer step, all ranks; Lightning divides the loss by the
             # accumulation steps and DDP averages over ranks, so undo both to get sum / pairs
-            num_items_in_batch = self.all_gather(num_items_in_batch).sum()
-            num_items_in_batch = num_items_in_batch / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
-        loss, metrics = reward_loss(
+            num_items_in_batch = sums[0] / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+        loss, _ = reward_loss(
             chosen_rewards,
             rejected_rewards,
             margin=batch.get("margin"),
             center_rewards_coefficient=self.center_rewards_coefficient,
             num_items_in_batch=num_items_in_batch,
         )
-        batch_loss, _ = reward_loss(
-            chosen_rewards.detach(),
-            rejected_rewards.detach(),
-            margin=batch.get("margin"),
-            center_rewards_coefficient=self.center_rewards_coefficient,
-        )
-        self.num_tokens += self.all_gather(batch["attention_mask"].sum()).sum()
-        self.log("train/loss", batch_loss, prog_bar=True)
-        for name, value in metrics.items():
-            self.log(f"train/{name}", value, prog_bar=name == "accuracy")
+        # the logged metrics are pair-weighted over the optimizer step so far (all micro-batches
+        # and ranks): at its last micro-batch, the one Lightning logs, they cover the whole step
+        if self._step_sums_at != self.trainer.global_step:
+            self._step_sums = torch.cat([torch.zeros_like(sums[1:6]), extremes.new_full((2,), -float("inf"))])
+            self._step_sums_at = self.trainer.global_step
+        self._step_sums[:5] += sums[1:6]
+        self._step_sums[5:] = torch.maximum(self._step_sums[5:], extremes)
+        n, loss_sum, accuracy_sum, margin_sum, reward_sum, max_reward, negative_min_reward = self._step_sums
+        self.num_tokens += sums[6].long()
+        self.log("train/loss", loss_sum / n, prog_bar=True)
+        self.log("train/accuracy", accuracy_sum / n, prog_bar=True)
+        self.log("train/margin", margin_sum / n)
+        self.log("train/mean_reward", reward_sum / n)
+        self.log("train/min_reward", -negative_min_reward)
+        self.log("train/max_reward", max_reward)
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
 

@@ -392,6 +392,7 @@ class SFTModule(L.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))  # input tokens trained on, all ranks
         self.val_loss, self.val_accuracy, self.val_entropy = MeanMetric(), MeanMetric(), MeanMetric()
+        self._step_sums, self._step_sums_at = None, -1  # training metric sums of the current optimizer step
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
@@ -421,20 +422,32 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         per_token_logps, loss_mask, num_targets, correct, entropy = self._shared_step(batch)
+        # the per-token losses' sum (normalised by 1)
+        token_loss_sum = sft_loss(
+            per_token_logps.detach(), loss_mask, loss_type=self.loss_type, num_items_in_batch=1
+        )
+        local_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(batch["input_ids"].numel())
         num_items_in_batch = batch.get("num_items_in_batch")
+        # one collective: this micro-batch's counts and metric sums, summed over all ranks
+        stats = [num_items_in_batch if num_items_in_batch is not None else num_targets]
+        stats += [token_loss_sum, num_targets, correct, entropy, local_tokens]
+        sums = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats]), reduce_op="sum")
         if num_items_in_batch is not None:
             # tokens of the whole optimizer step, all ranks; Lightning divides the loss by the
             # accumulation steps and DDP averages over ranks, so undo both to get sum / tokens
-            num_items_in_batch = self.all_gather(num_items_in_batch).sum()
-            num_items_in_batch = num_items_in_batch / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+            num_items_in_batch = sums[0] / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
         loss = sft_loss(per_token_logps, loss_mask, loss_type=self.loss_type, num_items_in_batch=num_items_in_batch)
-        n = num_targets.clamp(min=1)
-        token_loss = sft_loss(per_token_logps.detach(), loss_mask, loss_type=self.loss_type)
-        local_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(batch["input_ids"].numel())
-        self.num_tokens += self.all_gather(local_tokens).sum()
-        self.log("train/loss", token_loss, prog_bar=True)
-        self.log("train/mean_token_accuracy", correct / n)
-        self.log("train/entropy", entropy / n)
+        # the logged metrics are token-weighted over the optimizer step so far (all micro-batches
+        # and ranks): at its last micro-batch, the one Lightning logs, they cover the whole step
+        if self._step_sums_at != self.trainer.global_step:
+            self._step_sums, self._step_sums_at = torch.zeros_like(sums[1:5]), self.trainer.global_step
+        self._step_sums += sums[1:5]
+        loss_sum, n, correct_sum, entropy_sum = self._step_sums
+        n = n.clamp(min=1)
+        self.num_tokens += sums[5].long()
+        self.log("train/loss", loss_sum / n, prog_bar=True)
+        self.log("train/mean_token_accuracy", correct_sum / n)
+        self.log("train/entropy", entropy_sum / n)
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
 

@@ -1,0 +1,224 @@
+"""GRPO throughput: samples/s, generation vs training time, peak memory. Prints JSON.
+
+The model is a randomly initialised Llama with a realistic vocabulary (32000 tokens, hidden 512, 8
+layers, ~58M parameters) and a locally built word-level tokenizer, so generation costs what it
+costs on real models of this shape (a random policy almost never samples EOS: every completion runs
+to ``max_completion_length``). Nothing is downloaded.
+
+    python benchmarks/grpo.py                       # HF generate rollout, one run
+    python benchmarks/grpo.py --repeats 3           # three runs (fresh processes) and their medians
+
+Timing: ``generation_s`` is the time inside ``pl_module.rollout.generate`` (wrapped, not
+replaced), ``training_s`` the rest of each ``training_step`` (rewards, log-probs, backward,
+optimizer step); the first ``--warmup`` steps are not measured. ``--rollout`` selects the engine;
+only ``hf`` exists yet (a vLLM engine plugs in by building it in `make_rollout`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lit_posttrain import GRPODataModule, GRPOModule
+from lit_posttrain.rewards import PatternFractionReward
+
+
+def make_model_dir(path: Path, vocab_size: int, hidden_size: int, num_layers: int) -> Path:
+    """A config-only Llama directory with a word-level tokenizer of ``vocab_size`` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=int(hidden_size * 8 / 3) // 64 * 64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        head_dim=64,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    config.save_pretrained(path)
+    GenerationConfig(eos_token_id=1, pad_token_id=0, bos_token_id=1).save_pretrained(path)
+    return path
+
+
+def make_rollout(name: str, module: GRPOModule):
+    if name == "hf":
+        return module.rollout  # the default HFRollout
+    raise ValueError(f"--rollout must be one of ['hf'], got {name!r}")
+
+
+class TimedRollout:
+    """Wraps a rollout engine and accumulates the time spent in ``generate``."""
+
+    def __init__(self, engine):
+        self.engine, self.seconds = engine, 0.0
+
+    def generate(self, model, prompt_ids, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.engine.generate(model, prompt_ids, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+class StepTimer(L.Callback):
+    def __init__(self, rollout: TimedRollout, warmup: int):
+        self.rollout, self.warmup = rollout, warmup
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rollout.seconds = 0.0
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        total = time.perf_counter() - self.start
+        if batch_idx >= self.warmup:
+            self.steps.append({"total_s": total, "generation_s": self.rollout.seconds})
+
+
+def run(args, model_dir: Path) -> dict:
+    L.seed_everything(args.seed)
+    module = GRPOModule(
+        str(model_dir),
+        random_init=True,
+        reward_funcs=[PatternFractionReward(pattern="t[0-9]")],
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        micro_batch_size=args.micro_batch_size,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5),
+    )
+    rollout = TimedRollout(make_rollout(args.rollout, module))
+    module.rollout = rollout
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = [
+        {
+            "prompt": " ".join(
+                f"t{i}"
+                for i in torch.randint(
+                    2, args.vocab_size, (args.prompt_length,), generator=generator
+                ).tolist()
+            )
+        }
+        for _ in range(args.batch_size * (args.steps + args.warmup))
+    ]
+    datamodule = GRPODataModule(
+        str(model_dir), rows, batch_size=args.batch_size, max_length=args.prompt_length
+    )
+    timer = StepTimer(rollout, args.warmup)
+    trainer = L.Trainer(
+        max_steps=args.steps + args.warmup,
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_rss()
+    trainer.fit(module, datamodule)
+    total = sum(s["total_s"] for s in timer.steps)
+    generation = sum(s["generation_s"] for s in timer.steps)
+    samples = len(timer.steps) * args.batch_size * args.num_generations
+    result = {
+        "num_params": sum(p.numel() for p in module.model.parameters()),
+        "samples_per_s": samples / total,
+        "completion_tokens_per_s": samples * args.max_completion_length / total,
+        "step_s": total / len(timer.steps),
+        "generation_s_per_step": generation / len(timer.steps),
+        "training_s_per_step": (total - generation) / len(timer.steps),
+        "generation_fraction": generation / total,
+        "peak_rss_mb": _peak_rss_mb(),  # this run (Linux); the process's peak so far elsewhere
+    }
+    if torch.cuda.is_available():
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark (Linux), so each run reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rollout", default="hf", choices=["hf"])
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per generation batch")
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--max-completion-length", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="runs, each in a fresh process; medians are reported")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.repeats > 1:  # each run in a fresh process: its own peak memory, no warm caches
+        given = sys.argv[1:]
+        argv = [a for i, a in enumerate(given) if not a.startswith("--repeats") and (i == 0 or given[i - 1] != "--repeats")]
+        runs = []
+        for _ in range(args.repeats):
+            out = subprocess.run(
+                [sys.executable, __file__, *argv, "--repeats", "1"], check=True, capture_output=True, text=True
+            )
+            runs.append(json.loads(out.stdout)["runs"][0])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = make_model_dir(Path(tmp), args.vocab_size, args.hidden_size, args.num_layers)
+            runs = [run(args, model_dir)]
+    report = {
+        "benchmark": "grpo",
+        "rollout": args.rollout,
+        "config": {k: v for k, v in vars(args).items() if k not in ("repeats",)},
+        "torch_threads": torch.get_num_threads(),
+        "runs": runs,
+        "median": {key: statistics.median(r[key] for r in runs) for key in runs[0]},
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,921 @@
+"""GRPO: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300).
+
+For each prompt q the policy samples a group of G completions o_1..o_G; reward functions score
+them; every token of o_i gets the group-relative advantage (paper §4.1.2, "outcome supervision")
+
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)
+
+and the policy maximises the clipped surrogate minus a KL penalty (paper eq. 3, k3 estimator eq. 4):
+
+    ratio_i,t = pi_theta(o_i,t | q, o_i,<t) / pi_old(o_i,t | q, o_i,<t)
+    L_i,t     = -min(ratio_i,t A_i, clip(ratio_i,t, 1 - epsilon, 1 + epsilon_high) A_i) + beta KL_i,t
+    KL_i,t    = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1
+
+The per-token losses L_i,t are aggregated as ``loss_type`` says (`grpo_loss`).
+
+Numbered departures from the paper (TRL's defaults and conventions unless said otherwise):
+1. ``beta=0`` by default: no reference model and no KL term (set ``beta > 0`` for the paper's).
+2. ``loss_type="dapo"`` by default: token-level normalisation over the whole optimizer step (DAPO,
+   arXiv 2503.14476 eq. 12) instead of the paper's per-sequence mean (``loss_type="grpo"``).
+3. Rewards are the weighted sum over reward functions with ``None`` skipped (``nansum``). A sample
+   where no function applies is unscorable: it is left out of its group's mean and std and gets
+   advantage 0 (TRL scores it 0 and keeps it in the group).
+4. Log-probs are computed from logits divided by ``temperature``, so the ratio compares the
+   distribution that was sampled from.
+5. ``importance_sampling_level="sequence"`` is GSPO (arXiv 2507.18071 eq. 7): one ratio per
+   completion, the geometric mean of its token ratios.
+6. Groups never span ranks: each rank samples its own prompts' G completions (TRL spreads a group
+   over ranks), so advantages need no communication; ``scale_rewards="batch"`` uses this rank's std.
+7. Validation samples one greedy completion per prompt and logs its reward (``val/reward``).
+
+Training loop (manual optimization; one ``training_step`` = one generation batch):
+
+    batch = data.batch_size prompts                             # from GRPODataModule
+    rollout = self.rollout.generate(self.model, prompt_ids, num_generations=G, ...)   # B*G completions
+    rewards -> advantages; old and reference log-probs (no grad, only when needed)
+    for iteration in range(num_iterations):                    # mu in the paper
+        for mini-batch in B*G completions split into steps_per_generation parts (shuffled if > 1):
+            for micro-batch of micro_batch_size completions:  # gradient accumulation
+                manual_backward(grpo_loss(...))
+            clip to max_grad_norm; optimizer.step(); lr_scheduler.step()
+
+So ``trainer.max_steps`` counts optimizer steps (``num_iterations * steps_per_generation`` per
+generation batch) and the logged ``step`` counts generation batches. Lightning's
+``accumulate_grad_batches`` and ``gradient_clip_val`` do not apply to manual optimization: use
+``micro_batch_size`` and ``max_grad_norm``. With ``num_iterations=1`` and
+``steps_per_generation=1`` the old log-probs are the detached current ones (the ratio is exactly 1);
+otherwise they are computed once after generation, before the first update.
+
+Rollout engine contract (`lit_posttrain.rollout`): ``self.rollout`` is `HFRollout` by default. An
+engine that replaces it (the vLLM callback) is called once at the start of every
+``training_step`` and must sample from the current policy weights, i.e. those after the previous
+``training_step``'s last optimizer step (`VLLMRollout` syncs lazily inside ``generate`` when the
+policy version changed); validation calls it with ``num_generations=1, do_sample=False``. The sampler's own log-probs (``RolloutOutput.logps``)
+are kept as ``sampler_per_token_logps`` in the samples, ready for a truncated importance-sampling
+correction of the loss; the HF engine reports none.
+
+Supports: plain and conversational prompts (chat template with ``add_generation_prompt``), extra
+dataset columns passed to reward functions, several weighted reward functions (callables or a
+`lit_posttrain.rewards.model.RewardModelScorer`), LoRA (the reference is the base model with the
+adapters disabled), ``mask_truncated_completions``, ``top_entropy_quantile``, DDP and FSDP2.
+Assumes: a tokenizer with a pad token; reward functions that accept ``**kwargs``.
+
+    lit-posttrain fit --config configs/quickstart/grpo.yaml
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
+
+from lit_posttrain.callbacks.reference_model import ReferenceModel
+from lit_posttrain.data import (
+    DatasetSource,
+    LookaheadLoader,
+    check_rows,
+    describe_source,
+    is_conversational,
+    load_rows,
+    split_rows,
+)
+from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
+from lit_posttrain.ops import entropy_from_logits, masked_mean, pad, selective_log_softmax
+from lit_posttrain.rewards import reward_func_name, score_completions
+from lit_posttrain.rollout import HFRollout, RolloutOutput, sampling_rng
+
+
+# ---------------------------------------------------------------------------------------------
+# Collator
+# ---------------------------------------------------------------------------------------------
+class DataCollatorForPrompts:
+    """Batch tokenized prompts without padding: the rollout engine pads them itself.
+
+    Each example has ``prompt_ids`` (list[int]), ``prompt`` (the prompt as in the dataset, a string
+    or messages) and any other dataset columns. The batch is ``{"prompt_ids": list[list[int]],
+    "prompt": list, "columns": {column: list}}``.
+    """
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return {
+            "prompt_ids": [example["prompt_ids"] for example in examples],
+            "prompt": [example["prompt"] for example in examples],
+            "columns": {
+                column: [example[column] for example in examples]
+                for column in examples[0]
+                if column not in ("prompt_ids", "prompt")
+            },
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# DataModule
+# ---------------------------------------------------------------------------------------------
+class GRPODataModule(L.LightningDataModule):
+    """Load, check and tokenize prompt-only data; batch ``batch_size`` prompts per generation batch.
+
+    Rows need a ``prompt`` (a string, or a list of messages rendered with the chat template and
+    ``add_generation_prompt=True``); every other column (``answer``, ``solution``, ...) is passed to
+    the reward functions as a keyword list.
+
+    Args:
+        tokenizer: tokenizer (or its path / hub id; the CLI links it to the model's).
+        train_data: path (json/jsonl/parquet/csv file or directory), hub id, list of dicts or Dataset.
+        val_data: validation data; when None and ``val_size > 0`` it is split from ``train_data``.
+        val_size: fraction (< 1) or number of training rows held out for validation.
+        batch_size: prompts per generation batch (each is sampled ``num_generations`` times, so a
+            training step works on ``batch_size * num_generations`` completions). The last
+            incomplete batch of an epoch is dropped.
+        max_length: prompt tokens kept (TRL's ``max_prompt_length``); longer prompts keep their end.
+        dataset_split: split to read from a hub dataset.
+        dataset_config: hub dataset configuration name (e.g. ``"main"`` for ``openai/gsm8k``).
+        prompt_column: column holding the prompt when it is not ``prompt`` (e.g. ``question``).
+        system_prompt: when set, each prompt becomes a conversation that starts with this system
+            message (a plain prompt becomes the user message).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase,
+        train_data: DatasetSource | None = None,
+        val_data: DatasetSource | None = None,
+        val_size: float = 0.0,
+        batch_size: int = 8,
+        max_length: int | None = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+        dataset_split: str = "train",
+        dataset_config: str | None = None,
+        prompt_column: str = "prompt",
+        system_prompt: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
+        self.batch_size, self.max_length, self.num_workers, self.seed = (
+            batch_size,
+            max_length,
+            num_workers,
+            seed,
+        )
+        self.dataset_split, self.dataset_config = dataset_split, dataset_config
+        self.prompt_column, self.system_prompt = prompt_column, system_prompt
+        self.collator = DataCollatorForPrompts()
+        self.train_examples: list[dict] | None = None
+        self.val_examples: list[dict] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples is not None:
+            return
+        if self.train_data is None:
+            raise ValueError(
+                "GRPODataModule: train_data is required (a path, hub id, list of dicts or Dataset)"
+            )
+        source = describe_source(self.train_data)
+        train = self._load(self.train_data, source)
+        val, val_source = None, None
+        if self.val_data is not None:
+            val_source = describe_source(self.val_data)
+            val = self._load(self.val_data, val_source)
+        elif self.val_size:
+            train, val = split_rows(train, self.val_size, seed=self.seed)
+            val_source = f"{source} (validation split)"
+        self.train_examples = self._tokenize(train)
+        self.val_examples = self._tokenize(val) if val is not None else None
+
+    def _load(self, data: DatasetSource, source: str):
+        rows = load_rows(data, split=self.dataset_split, name=self.dataset_config)
+        if self.prompt_column != "prompt":
+            check_rows(rows, required={self.prompt_column: "text"}, source=source)
+            rows = rows.rename_column(self.prompt_column, "prompt")
+        check_rows(rows, required={"prompt": "text"}, source=source)
+        return rows
+
+    def _tokenize(self, rows) -> list[dict]:
+        """-> [{"prompt_ids", "prompt", **other columns}]; a prompt keeps its last ``max_length`` tokens."""
+        tok = self.tokenizer
+        examples = []
+        for row in rows:
+            prompt = row["prompt"]
+            if self.system_prompt is not None:
+                messages = prompt if is_conversational(prompt) else [{"role": "user", "content": prompt}]
+                if messages[0]["role"] != "system":
+                    messages = [{"role": "system", "content": self.system_prompt}] + messages
+                prompt = messages
+            if is_conversational(prompt):
+                text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            if self.max_length is not None:
+                prompt_ids = prompt_ids[-self.max_length :]
+            examples.append({**row, "prompt": prompt, "prompt_ids": prompt_ids})
+        return examples
+
+    def train_dataloader(self):
+        return LookaheadLoader(
+            self.train_examples,
+            batch_size=self.batch_size,
+            collate_fn=self.collator,
+            count_items=_no_items,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+            num_workers=self.num_workers,
+            trainer=self.trainer,
+        )
+
+    def val_dataloader(self):
+        if self.val_examples is None:
+            return []
+        return torch.utils.data.DataLoader(
+            self.val_examples,
+            batch_size=self.batch_size,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+
+def _no_items(batch: dict) -> int:
+    return 0  # the loss normalisation is counted after generation, not from the prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages and loss
+# ---------------------------------------------------------------------------------------------
+def group_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    *,
+    scale_rewards: Literal["group", "batch", "none"] = "group",
+) -> torch.Tensor:
+    """Group-relative advantages (DeepSeekMath §4.1.2; Dr. GRPO arXiv 2503.20783 drops the std).
+
+    ``A_i = (r_i - mean(group)) / (std + 1e-4)`` with ``std`` the group's (``"group"``), the whole
+    batch's (``"batch"``) or no scaling (``"none"``); ``std`` is Bessel-corrected as ``torch.std``.
+
+    Args:
+        rewards: (N,) rewards grouped by prompt (rows ``i*G .. i*G+G-1`` share a prompt), NaN where
+            no reward function applies.
+        num_generations: G, the group size.
+    Returns:
+        (N,) advantages; 0 for NaN rewards, which are also left out of the group statistics, and 0
+        for a group whose rewards are all equal.
+    """
+    if rewards.numel() % num_generations:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}"
+        )
+    grouped = rewards.view(-1, num_generations)  # (B, G)
+    mean = grouped.nanmean(dim=1, keepdim=True)  # (B, 1)
+    advantages = grouped - mean
+    if scale_rewards == "group":
+        advantages = advantages / (_nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (_nanstd(rewards, dim=0) + 1e-4)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be one of ['group', 'batch', 'none'], got {scale_rewards!r}")
+    return advantages.nan_to_num(nan=0.0).view(-1)  # unscorable samples (and lone scorable ones) -> 0
+
+
+def _nanstd(values: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """Bessel-corrected standard deviation ignoring NaNs (NaN with fewer than two values)."""
+    count = (~values.isnan()).sum(dim=dim, keepdim=True)
+    deviations = (values - values.nanmean(dim=dim, keepdim=True)).nan_to_num(nan=0.0)
+    variance = (deviations**2).sum(dim=dim, keepdim=True) / (count - 1)
+    variance = variance.where(count > 1, torch.full_like(variance, float("nan")))
+    return variance.sqrt() if keepdim else variance.sqrt().squeeze(dim)
+
+
+def grpo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_per_token_logps: torch.Tensor | None = None,
+    importance_sampling_level: Literal["token", "sequence"] = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate with an optional k3 KL penalty (DeepSeekMath eq. 3 and 4).
+
+    Args:
+        per_token_logps: (B, T) log-probs of the completion tokens under the policy being trained.
+        old_per_token_logps: (B, T) the same under the policy that sampled them (detached).
+        advantages: (B,) one advantage per completion.
+        completion_mask: (B, T) 1 on completion tokens that take the loss.
+        loss_type: how per-token losses become one number (see the branches).
+        epsilon / epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]``; ``epsilon_high``
+            defaults to ``epsilon`` (DAPO's clip-higher uses 0.28).
+        beta: KL coefficient; needs ``ref_per_token_logps`` when > 0.
+        importance_sampling_level: ``"token"`` ratios (PPO/GRPO) or one ``"sequence"`` ratio per
+            completion (GSPO, arXiv 2507.18071 eq. 7: exp of the mean token log-ratio).
+        max_completion_length: the constant normaliser of ``dr_grpo``.
+        num_items_in_batch: ``dapo``'s normaliser: completion tokens in the whole optimizer step
+            (all micro-batches; divided by the number of ranks under DDP); default: this batch's.
+        entropy_mask: (B, T) 1 on the tokens whose policy-gradient term is kept (top-entropy
+            tokens, arXiv 2506.01939); the KL term and the normalisation are unaffected.
+    Returns:
+        ``(loss, metrics)``: metrics ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``clip_ratio/region_mean`` and, with ``beta > 0``, ``kl`` (mean k3 per token), detached.
+    """
+    epsilon_low, epsilon_high = epsilon, epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(per_token_logps.dtype)
+    log_ratio = per_token_logps - old_per_token_logps  # (B, T)
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio  # (B, T)
+    elif importance_sampling_level == "sequence":  # GSPO eq. 7: length-normalised sequence ratio
+        log_importance_weights = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(
+            min=1
+        )
+    else:
+        raise ValueError(
+            f"importance_sampling_level must be one of ['token', 'sequence'], got {importance_sampling_level!r}"
+        )
+    # From here coef_1, coef_2 and per_token_loss are (B, T) for "token" and (B, 1) for "sequence"
+    coef_1 = torch.exp(log_importance_weights)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss = -torch.min(coef_1 * advantages.unsqueeze(1), coef_2 * advantages.unsqueeze(1))
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    if beta != 0.0:
+        if ref_per_token_logps is None:
+            raise ValueError("grpo_loss: beta > 0 needs ref_per_token_logps")
+        # k3 estimator of KL(pi_theta || pi_ref), eq. 4: unbiased and always >= 0
+        per_token_kl = (
+            torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+        )
+        per_token_loss = per_token_loss + beta * per_token_kl
+
+    if loss_type == "grpo":  # eq. 3: mean over each sequence's tokens, then over sequences
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":  # mean over the batch's tokens
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":  # Dr. GRPO (arXiv 2503.20783): a constant normaliser, no length bias
+        if max_completion_length is None:
+            raise ValueError("grpo_loss: loss_type='dr_grpo' needs max_completion_length")
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    elif loss_type == "dapo":  # DAPO eq. 12: over the tokens of the whole (accumulated) batch
+        normalizer = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token_loss * mask).sum() / torch.as_tensor(normalizer, dtype=mask.dtype).clamp(min=1)
+    else:
+        raise ValueError(f"loss_type must be one of ['grpo', 'bnpo', 'dr_grpo', 'dapo'], got {loss_type!r}")
+
+    with torch.no_grad():
+
+        def batch_mean(x: torch.Tensor) -> torch.Tensor:
+            return x.mean() if x.size(1) == 1 else masked_mean(x, mask)  # sequence level: per sequence
+
+        is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages.unsqueeze(1) < 0)
+        is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages.unsqueeze(1) > 0)
+        metrics = {
+            "clip_ratio/low_mean": batch_mean(is_low_clipped.float()),
+            "clip_ratio/high_mean": batch_mean(is_high_clipped.float()),
+            "clip_ratio/region_mean": batch_mean((is_low_clipped | is_high_clipped).float()),
+        }
+        if beta != 0.0:
+            metrics["kl"] = masked_mean(per_token_kl, mask)
+    return loss, metrics
+
+
+def high_entropy_mask(
+    entropies: torch.Tensor, completion_mask: torch.Tensor, quantile: float
+) -> torch.Tensor:
+    """1 on the completion tokens whose entropy is at least the ``quantile`` of the batch's entropies."""
+    values = entropies[completion_mask.bool()].float()
+    if values.numel() == 0:
+        return torch.zeros_like(completion_mask)
+    threshold = torch.quantile(values, quantile)
+    return ((entropies >= threshold) & completion_mask.bool()).to(completion_mask.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# LightningModule
+# ---------------------------------------------------------------------------------------------
+class GRPOModule(L.LightningModule):
+    """Online RL with group-relative advantages (GRPO and its loss variants: DAPO, Dr. GRPO, GSPO).
+
+    Args:
+        model_name_or_path: hub id or local directory of the policy.
+        tokenizer_name_or_path: tokenizer location when it differs from the model's.
+        random_init: build the model from its config with random weights (tests, quickstart).
+        model_config: config fields to override.
+        init_seed: seed of the random initialisation.
+        dtype: parameter dtype at load time (Lightning's ``precision`` decides the compute dtype).
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...
+        gradient_checkpointing: trade compute for activation memory.
+        trust_remote_code: allow model code from the hub (off unless asked).
+        lora: LoRA adapter settings; None for full fine-tuning.
+        reward_funcs: reward functions ``(prompts, completions, **columns) -> list[float | None]``
+            (YAML: import paths, or ``class_path`` + ``init_args`` for callable classes such as
+            `lit_posttrain.rewards.model.RewardModelScorer`). Not saved in checkpoints (their names
+            are, as ``reward_func_names``): pass them again to ``load_from_checkpoint``.
+        reward_weights: one weight per reward function (default: all 1).
+        num_generations: G, completions sampled per prompt (>= 2).
+        max_completion_length: new tokens per completion at most.
+        temperature / top_p / top_k: sampling settings (``top_k=0``: off).
+        num_iterations: mu, passes of policy updates over each generation batch.
+        steps_per_generation: optimizer steps per pass (the generation batch is split into this many
+            shuffled mini-batches).
+        micro_batch_size: completions per forward/backward (gradient accumulation inside an
+            optimizer step); None for the whole mini-batch at once.
+        beta: KL coefficient (0: no reference model). The reference comes from a
+            `lit_posttrain.callbacks.ReferenceModel` callback, added with defaults when none is given.
+        epsilon / epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
+            defaults to ``epsilon``).
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (see `grpo_loss`).
+        scale_rewards: divide advantages by the ``group`` std, the ``batch`` std, or ``none``.
+        importance_sampling_level: ``token`` (GRPO) or ``sequence`` (GSPO) ratios.
+        mask_truncated_completions: no loss on completions cut at ``max_completion_length``.
+        top_entropy_quantile: keep the policy-gradient term only on the top ``q`` fraction of tokens
+            by entropy (1.0: all tokens).
+        max_grad_norm: clip the gradient norm at each optimizer step (None: no clipping).
+        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
+        lr_scheduler: LR scheduler factory, stepped every optimizer step.
+    """
+
+    METHOD = "GRPO"
+    PAPER = "https://arxiv.org/abs/2402.03300"
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        tokenizer_name_or_path: str | None = None,
+        random_init: bool = False,
+        model_config: dict | None = None,
+        init_seed: int = 0,
+        dtype: DType = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        lora: LoRAConfig | None = None,
+        reward_funcs: list[Callable],
+        reward_weights: list[float] | None = None,
+        num_generations: int = 8,
+        max_completion_length: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_iterations: int = 1,
+        steps_per_generation: int = 1,
+        micro_batch_size: int | None = None,
+        beta: float = 0.0,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        importance_sampling_level: Literal["token", "sequence"] = "token",
+        mask_truncated_completions: bool = False,
+        top_entropy_quantile: float = 1.0,
+        max_grad_norm: float | None = 1.0,
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        # reward functions are code (a reward model would put its weights in every checkpoint)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs"])
+        if not reward_funcs:
+            raise ValueError("reward_funcs: give at least one reward function")
+        if reward_weights is not None and len(reward_weights) != len(reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(reward_weights)} values for {len(reward_funcs)} reward_funcs"
+            )
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (group statistics), got {num_generations}")
+        if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            raise ValueError(
+                f"loss_type must be one of ['grpo', 'bnpo', 'dr_grpo', 'dapo'], got {loss_type!r}"
+            )
+        if scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(
+                f"scale_rewards must be one of ['group', 'batch', 'none'], got {scale_rewards!r}"
+            )
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                f"importance_sampling_level must be one of ['token', 'sequence'], got {importance_sampling_level!r}"
+            )
+        if not 0.0 < top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+        for name, value in [
+            ("num_iterations", num_iterations),
+            ("steps_per_generation", steps_per_generation),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.model = load_model(
+            model_name_or_path,
+            random_init=random_init,
+            model_config=model_config,
+            init_seed=init_seed,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+            lora=lora,
+        )
+        self.tokenizer = load_tokenizer(
+            tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code
+        )
+        self.rollout = HFRollout(self.tokenizer)
+        self.reward_funcs = list(reward_funcs)
+        self.reward_func_names = _unique([reward_func_name(f) for f in self.reward_funcs])
+        self.hparams["reward_func_names"] = self.reward_func_names
+        self.reward_weights = torch.tensor(reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
+        self.num_generations, self.max_completion_length = num_generations, max_completion_length
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.num_iterations, self.steps_per_generation = num_iterations, steps_per_generation
+        self.micro_batch_size = micro_batch_size
+        self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
+        self.loss_type, self.scale_rewards = loss_type, scale_rewards
+        self.importance_sampling_level = importance_sampling_level
+        self.mask_truncated_completions, self.top_entropy_quantile = (
+            mask_truncated_completions,
+            top_entropy_quantile,
+        )
+        self.max_grad_norm = max_grad_norm
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.automatic_optimization = False  # generation, then num_iterations x steps_per_generation steps
+        self.num_tokens = 0  # prompt + completion tokens trained on, all ranks (saved in checkpoints)
+        self.generator: torch.Generator | None = None  # this rank's sampling RNG, created in setup
+        self.val_reward = MeanMetric(nan_strategy="ignore")
+        self.val_rewards_per_func = torch.nn.ModuleList(
+            MeanMetric(nan_strategy="ignore") for _ in reward_funcs
+        )
+        self.val_completion_length = MeanMetric()
+
+    def configure_model(self) -> None:
+        """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in decoder_layers(self.model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def setup(self, stage: str) -> None:
+        # sampling (generation, mini-batch shuffling) draws from this rank's own RNG stream, seeded
+        # from the global seed (seed_everything) and the rank; it is saved in checkpoints (Lightning
+        # does not save the global RNG), so a resumed run samples what the uninterrupted one would
+        self.generator = torch.Generator(self.trainer.strategy.root_device)
+        self.generator.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def configure_callbacks(self):
+        # beta > 0 needs a reference: the user's ReferenceModel callback, else one with defaults
+        if self.beta == 0.0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
+            return []
+        return [ReferenceModel()]
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool = False):
+        """Per-token log-probs (and entropies) of the last ``logits_to_keep`` tokens of ``input_ids``."""
+        return self._get_per_token_logps(input_ids, attention_mask, logits_to_keep, compute_entropy)
+
+    def training_step(self, batch, batch_idx):
+        optimizer, lr_scheduler = self.optimizers(), self.lr_schedulers()
+        mini_batch_size, micro_batch_size = self._split_sizes(len(batch["prompt_ids"]))
+
+        # 1. sample num_generations completions per prompt with the current policy
+        with sampling_rng(self.generator):
+            rollout = self.rollout.generate(
+                self.model,
+                batch["prompt_ids"],
+                num_generations=self.num_generations,
+                max_completion_length=self.max_completion_length,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+            )
+        # 2. score them: rewards -> advantages; old and reference log-probs, no grad
+        samples, metrics = self._score_rollout(batch, rollout, micro_batch_size)
+
+        # 3. num_iterations passes of steps_per_generation optimizer steps over the samples
+        num_samples = samples["advantages"].size(0)
+        losses, step_sums = [], {}  # each optimizer step's loss; weighted sums of the micro-batch metrics
+        for _ in range(self.num_iterations):
+            if self.steps_per_generation > 1:
+                order = torch.randperm(num_samples, generator=self.generator, device=self.generator.device)
+            else:
+                order = torch.arange(num_samples)
+            for mini_batch in order.split(mini_batch_size):
+                # dapo normalises by the optimizer step's completion tokens, averaged over ranks
+                # because DDP averages the gradients: sum over all ranks / all tokens
+                num_items_in_batch = self.trainer.strategy.reduce(
+                    samples["completion_mask"][mini_batch].sum().float(), reduce_op="mean"
+                )
+                step_loss = 0.0
+                for micro_batch in mini_batch.split(micro_batch_size):
+                    loss, step_metrics = self._compute_loss(
+                        {k: v[micro_batch] for k, v in samples.items() if v is not None}, num_items_in_batch
+                    )
+                    # dapo is normalised over the whole mini-batch already; the others are means
+                    # over their micro-batch: weight them into a mean over the mini-batch
+                    scale = 1.0 if self.loss_type == "dapo" else len(micro_batch) / len(mini_batch)
+                    self.manual_backward(loss * scale)
+                    step_loss += loss.detach() * scale
+                    # means over the micro-batch's completion tokens (GSPO's clip ratios: over its
+                    # completions): weight each by that count
+                    num_completion_tokens = samples["completion_mask"][micro_batch].sum()
+                    for name, value in step_metrics.items():
+                        sequence_level = self.importance_sampling_level == "sequence" and name.startswith(
+                            "clip_ratio"
+                        )
+                        count = len(micro_batch) if sequence_level else num_completion_tokens
+                        weight = torch.as_tensor(count, dtype=value.dtype, device=value.device)
+                        step_sums.setdefault(name, []).append(torch.stack([value * weight, weight]))
+                losses.append(step_loss)  # the optimizer step's loss
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(
+                        optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
+                optimizer.step()
+                optimizer.zero_grad()
+                if lr_scheduler is not None:
+                    lr_scheduler.step()
+
+        # micro-batch metrics weighted over all micro-batches and ranks, in one collective
+        names = list(step_sums)
+        totals = self.trainer.strategy.reduce(
+            torch.stack([torch.stack(step_sums[name]).sum(0) for name in names]), reduce_op="sum"
+        )  # (metrics, 2)
+        metrics.update(
+            {name: value_sum / weight.clamp(min=1) for name, (value_sum, weight) in zip(names, totals)}
+        )
+        # dapo divides each rank's token sum by the ranks' mean token count; the other loss types are
+        # means over equally many completions per rank: the mean over ranks is the global loss
+        metrics["loss"] = self.trainer.strategy.reduce(torch.stack(losses).mean(), reduce_op="mean")
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("reward", "loss"))
+        self.log("train/num_tokens", float(self.num_tokens))
+
+    def validation_step(self, batch, batch_idx):
+        rollout = self.rollout.generate(
+            self.model,
+            batch["prompt_ids"],
+            num_generations=1,
+            max_completion_length=self.max_completion_length,
+            do_sample=False,
+        )
+        completions = self._completions(batch["prompt"], rollout)
+        rewards_per_func = score_completions(
+            self.reward_funcs,
+            batch["prompt"],
+            completions,
+            completion_ids=rollout.completion_ids,
+            columns=batch["columns"],
+        )  # (N, F)
+        self.val_reward.update(self._combine(rewards_per_func))
+        for metric, values in zip(self.val_rewards_per_func, rewards_per_func.T):
+            metric.update(values)
+        self.val_completion_length.update(
+            torch.tensor([len(ids) for ids in rollout.completion_ids], dtype=torch.float)
+        )
+        self.log("val/reward", self.val_reward, prog_bar=True)
+        for name, metric in zip(self.reward_func_names, self.val_rewards_per_func):
+            self.log(f"val/rewards/{name}/mean", metric)
+        self.log("val/completions/mean_length", self.val_completion_length)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["num_tokens"] = self.num_tokens
+        # every rank's sampling RNG state (this hook runs on every rank; the strategy writes rank 0's dict)
+        state = self.generator.get_state().to(self.device)
+        checkpoint["generator_states"] = (
+            self.trainer.strategy.all_gather(state).view(self.trainer.world_size, -1).cpu()
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.num_tokens = checkpoint.get("num_tokens", 0)
+        states = checkpoint.get("generator_states")
+        if states is None or self.generator is None:  # an older checkpoint, or load_from_checkpoint
+            return
+        if len(states) != self.trainer.world_size:
+            rank_zero_warn(
+                f"{self.METHOD}: the checkpoint holds the sampling RNG states of {len(states)} processes, this run "
+                f"has {self.trainer.world_size}: sampling restarts from the seed (not an exact continuation)"
+            )
+            return
+        self.generator.set_state(states[self.global_rank].clone())  # a copy: set_state rejects a row view
+
+    # -----------------------------------------------------------------------------------------
+    # Helpers
+    # -----------------------------------------------------------------------------------------
+    def _score_rollout(self, batch: dict, rollout: RolloutOutput, micro_batch_size: int):
+        """Tensors for the policy updates, plus the generation-batch metrics."""
+        G, device = self.num_generations, self.device
+        prompts = [prompt for prompt in batch["prompt"] for _ in range(G)]  # prompt-major, as the rollout
+        prompt_ids = [ids for ids in batch["prompt_ids"] for _ in range(G)]
+        columns = {
+            name: [value for value in values for _ in range(G)] for name, values in batch["columns"].items()
+        }
+        completions = self._completions(prompts, rollout)
+
+        prompt_ids = pad(
+            [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids], self.tokenizer.pad_token_id, "left"
+        )  # (N, P)
+        prompt_mask = pad(
+            [torch.ones(len(ids), dtype=torch.long) for ids in batch["prompt_ids"] for _ in range(G)],
+            0,
+            "left",
+        )  # (N, P)
+        completion_ids = pad(
+            [torch.tensor(ids, dtype=torch.long) for ids in rollout.completion_ids],
+            self.tokenizer.pad_token_id,
+        )  # (N, C)
+        completion_mask = pad(
+            [torch.ones(len(ids), dtype=torch.long) for ids in rollout.completion_ids], 0
+        )  # (N, C)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)  # (N, P+C)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)  # (N, P+C)
+        is_truncated = torch.tensor(rollout.truncated, device=device)  # (N,)
+        completion_mask = completion_mask.to(device)
+        if self.mask_truncated_completions:  # no loss on completions cut at max_completion_length
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
+
+        logits_to_keep = completion_ids.size(1)
+        with torch.no_grad():
+            chunks = list(zip(input_ids.split(micro_batch_size), attention_mask.split(micro_batch_size)))
+            # off-policy only when the policy moves before these samples are all used: more than one
+            # optimizer step per generation batch; otherwise old = detached current (ratio exactly 1)
+            old_per_token_logps = None
+            if self.num_iterations > 1 or self.steps_per_generation > 1:
+                old_per_token_logps = torch.cat(
+                    [self._get_per_token_logps(i, a, logits_to_keep)[0] for i, a in chunks]
+                )
+            ref_per_token_logps = None
+            if self.beta != 0.0:
+                ref_per_token_logps = torch.cat(
+                    [self._get_ref_per_token_logps(i, a, logits_to_keep) for i, a in chunks]
+                )
+        # the sampler's own log-probs (vLLM): the hook for a truncated importance-sampling correction
+        sampler_per_token_logps = None
+        if rollout.logps is not None:
+            sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0).to(
+                device
+            )  # (N, C)
+
+        # rewards: weighted sum over functions, NaN where none applies -> group-relative advantages
+        rewards_per_func = score_completions(
+            self.reward_funcs, prompts, completions, completion_ids=rollout.completion_ids, columns=columns
+        ).to(device)  # (N, F)
+        rewards = self._combine(rewards_per_func)  # (N,)
+        advantages = group_advantages(rewards, G, scale_rewards=self.scale_rewards)  # (N,)
+
+        samples = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+            "advantages": advantages,
+            "old_per_token_logps": old_per_token_logps,
+            "ref_per_token_logps": ref_per_token_logps,
+            "sampler_per_token_logps": sampler_per_token_logps,
+        }
+
+        # generation-batch metrics over every rank's samples (ranks hold equally many whole groups)
+        lengths = torch.tensor([len(ids) for ids in rollout.completion_ids], dtype=torch.float, device=device)
+        columns = [
+            rewards_per_func,
+            lengths[:, None],
+            is_truncated[:, None].float(),
+            attention_mask.sum(1, keepdim=True).float(),
+        ]
+        per_sample = torch.cat(columns, dim=1)  # (N, F+3)
+        per_sample = self.all_gather(per_sample).reshape(-1, per_sample.size(1))  # (world_size * N, F+3)
+        num_funcs = rewards_per_func.size(1)
+        rewards_per_func = per_sample[:, :num_funcs]
+        lengths, is_truncated = per_sample[:, num_funcs], per_sample[:, num_funcs + 1]
+        rewards = self._combine(rewards_per_func)  # (world_size * N,)
+        group_std = _nanstd(rewards.view(-1, G), dim=1).nan_to_num(nan=0.0)  # (groups,)
+        self.num_tokens += int(per_sample[:, num_funcs + 2].sum())
+        metrics = {
+            "reward": rewards.nanmean(),
+            "reward_std": group_std.mean(),
+            "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
+            "completions/mean_length": lengths.mean(),
+            "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": is_truncated.mean(),
+        }
+        for name, values in zip(self.reward_func_names, rewards_per_func.T):
+            metrics[f"rewards/{name}/mean"] = values.nanmean()
+            metrics[f"rewards/{name}/std"] = _nanstd(values, dim=0)
+        return samples, metrics
+
+    def _compute_loss(self, samples: dict, num_items_in_batch: torch.Tensor):
+        logits_to_keep = samples["completion_mask"].size(1)
+        per_token_logps, entropies = self._get_per_token_logps(
+            samples["input_ids"], samples["attention_mask"], logits_to_keep, compute_entropy=True
+        )  # (n, C), (n, C)
+        completion_mask = samples["completion_mask"]
+        # the ratio is exactly 1 only when no optimizer step happened since generation
+        on_policy = self.num_iterations == 1 and self.steps_per_generation == 1
+        old_per_token_logps = per_token_logps.detach() if on_policy else samples["old_per_token_logps"]
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
+        loss, metrics = grpo_loss(
+            per_token_logps,
+            old_per_token_logps,
+            samples["advantages"],
+            completion_mask,
+            loss_type=self.loss_type,
+            epsilon=self.epsilon,
+            epsilon_high=self.epsilon_high,
+            beta=self.beta,
+            ref_per_token_logps=samples.get("ref_per_token_logps"),
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=num_items_in_batch,
+            entropy_mask=entropy_mask,
+        )
+        metrics["entropy"] = masked_mean(entropies, completion_mask)
+        return loss, metrics
+
+    def _get_per_token_logps(
+        self, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool = False
+    ):
+        """(N, C) log-probs of the last C tokens under the temperature-scaled policy (and entropies)."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (N, C, V): position t predicts completion token t
+        logits = logits / self.temperature
+        per_token_logps = selective_log_softmax(logits, input_ids[:, -logits_to_keep:])
+        entropies = None
+        if compute_entropy:
+            with torch.no_grad():
+                entropies = entropy_from_logits(logits)
+        return per_token_logps, entropies
+
+    def _get_ref_per_token_logps(self, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+        reference = next(c for c in self.trainer.callbacks if isinstance(c, ReferenceModel))
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = reference.forward(
+            input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep + 1
+        )[:, :-1]
+        return selective_log_softmax(logits / self.temperature, input_ids[:, -logits_to_keep:])
+
+    def _combine(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """(N, F) -> (N,) weighted nansum; NaN where no function applies (unscorable)."""
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        return rewards.masked_fill(rewards_per_func.isnan().all(dim=1), float("nan"))
+
+    def _completions(self, prompts: list, rollout: RolloutOutput) -> list:
+        """Completions as reward functions see them: strings, or an assistant message for chat prompts."""
+        if is_conversational(prompts[0]):
+            return [[{"role": "assistant", "content": text}] for text in rollout.completions]
+        return list(rollout.completions)
+
+    def _split_sizes(self, num_prompts: int) -> tuple[int, int]:
+        """(mini-batch, micro-batch) sizes in completions; raises naming the options to change."""
+        num_samples = num_prompts * self.num_generations
+        steps = self.steps_per_generation
+        micro = self.micro_batch_size or num_samples // max(steps, 1)
+        if num_samples % steps or (num_samples // steps) % micro or micro < 1:
+            fits = [
+                b
+                for b in range(num_prompts, num_prompts + steps * micro + 1)
+                if (b * self.num_generations) % (steps * micro) == 0
+            ]
+            hint = f"e.g. data.batch_size: {fits[0]}" if fits else "e.g. a larger data.batch_size"
+            raise ValueError(
+                f"{self.METHOD}: a generation batch of data.batch_size ({num_prompts}) x model.num_generations "
+                f"({self.num_generations}) = {num_samples} completions must split into model.steps_per_generation "
+                f"({steps}) optimizer steps of whole micro-batches of model.micro_batch_size ({micro}) completions, "
+                f"i.e. be divisible by {steps * micro}. Change data.batch_size, model.num_generations, "
+                f"model.steps_per_generation or model.micro_batch_size ({hint})."
+            )
+        return num_samples // steps, micro
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Suffix repeated names (two instances of one reward class) so their metrics stay apart."""
+    return [
+        name if names.count(name) == 1 else f"{name}_{names[:i].count(name)}" for i, name in enumerate(names)
+    ]

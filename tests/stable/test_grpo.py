@@ -1,0 +1,359 @@
+"""GRPO: advantages, loss variants (hand-derived), the training loop, and a learning signal."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lit_posttrain import GRPODataModule, GRPOModule, group_advantages, grpo_loss
+from lit_posttrain.rewards import PatternFractionReward
+
+NAN = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# group_advantages
+# ---------------------------------------------------------------------------------------------
+def test_group_advantages_three_scalings_by_hand():
+    """Groups [1, 2] and [3, 4]: deviations -0.5 / +0.5; group std sqrt(0.5), batch std of 1..4 sqrt(5/3)."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    deviations = torch.tensor([-0.5, 0.5, -0.5, 0.5])
+    group = group_advantages(rewards, 2, scale_rewards="group")
+    assert torch.allclose(group, deviations / (math.sqrt(0.5) + 1e-4))
+    batch = group_advantages(rewards, 2, scale_rewards="batch")
+    assert torch.allclose(batch, deviations / (math.sqrt(5 / 3) + 1e-4))
+    assert torch.allclose(group_advantages(rewards, 2, scale_rewards="none"), deviations)
+    with pytest.raises(ValueError, match="scale_rewards must be one of"):
+        group_advantages(rewards, 2, scale_rewards="rank")
+
+
+def test_group_advantages_constant_group_is_zero():
+    """A group whose completions all score the same gives no signal: advantage exactly 0."""
+    advantages = group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.0, 1.0, 0.5]), 3)
+    assert torch.equal(advantages[:3], torch.zeros(3))
+    assert advantages[3] < 0 < advantages[4] and advantages[5] == 0
+
+
+def test_group_advantages_nan_is_unscorable():
+    """NaN rewards get advantage 0 and are left out of their group's mean and std."""
+    advantages = group_advantages(torch.tensor([1.0, NAN, 3.0, NAN, NAN, NAN, NAN, 5.0, 9.0]), 3)
+    # group 1: mean 2 and std sqrt(2) over [1, 3]; group 2 unscorable; group 3: one scorable sample
+    expected = torch.tensor([-1 / (math.sqrt(2) + 1e-4), 0.0, 1 / (math.sqrt(2) + 1e-4), 0, 0, 0, 0, 0, 0])
+    expected[7:] = torch.tensor([-2, 2]) / (math.sqrt(8) + 1e-4)
+    assert torch.allclose(advantages, expected)
+    with pytest.raises(ValueError, match="num_generations=4"):
+        group_advantages(torch.zeros(6), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo_loss
+# ---------------------------------------------------------------------------------------------
+def _on_policy_batch():
+    """Two completions, 2 and 3 tokens, advantages +1 and -2, ratio exactly 1 (old = current)."""
+    per_token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.5, -1.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    return per_token_logps, per_token_logps.detach(), torch.tensor([1.0, -2.0]), mask
+
+
+@pytest.mark.parametrize(
+    "loss_type, kwargs, expected",
+    [
+        # per-token losses: -A -> row 0: -1, -1; row 1: 2, 2, 2 (sum over tokens = -2 + 6 = 4)
+        ("grpo", {}, (-1 + 2) / 2),  # mean of per-sequence means
+        ("bnpo", {}, 4 / 5),  # over the batch's 5 tokens
+        ("dr_grpo", {"max_completion_length": 4}, 4 / (2 * 4)),  # batch x max_completion_length
+        ("dapo", {}, 4 / 5),  # default: this batch's tokens
+        ("dapo", {"num_items_in_batch": 10}, 4 / 10),  # the whole optimizer step's tokens
+    ],
+)
+def test_grpo_loss_types_by_hand(loss_type, kwargs, expected):
+    """With ratio 1 the per-token loss is -A; each loss_type normalises it as its paper says."""
+    per_token_logps, old, advantages, mask = _on_policy_batch()
+    loss, metrics = grpo_loss(per_token_logps, old, advantages, mask, loss_type=loss_type, **kwargs)
+    assert loss.item() == pytest.approx(expected)
+    assert metrics["clip_ratio/region_mean"] == 0 and "kl" not in metrics
+
+
+def test_grpo_loss_gradient_is_the_policy_gradient():
+    """On-policy (num_iterations=1: old = detached current, ratio exactly 1) d loss / d logp = -A / |o_i| (grpo)."""
+    per_token_logps, old, advantages, mask = _on_policy_batch()
+    assert torch.equal(torch.exp(per_token_logps - old), torch.ones(2, 3))
+    loss, _ = grpo_loss(per_token_logps, old, advantages, mask, loss_type="grpo")
+    loss.backward()
+    expected = torch.tensor([[-1 / 2, -1 / 2, 0.0], [2 / 3, 2 / 3, 2 / 3]]) / 2  # mean over 2 sequences
+    assert torch.allclose(per_token_logps.grad, expected)
+
+
+def test_grpo_loss_unknown_values_raise():
+    per_token_logps, old, advantages, mask = _on_policy_batch()
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        grpo_loss(per_token_logps, old, advantages, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo_loss(per_token_logps, old, advantages, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="importance_sampling_level must be one of"):
+        grpo_loss(per_token_logps, old, advantages, mask, importance_sampling_level="word")
+
+
+def test_grpo_loss_clipping_low_and_high():
+    """Ratio 1.5 with A=+1 is clipped to 1.2 (high); ratio 0.5 with A=-1 to 0.8 (low): no gradient, metrics 1/2 each."""
+    old = torch.zeros(2, 1)
+    per_token_logps = torch.tensor([[math.log(1.5)], [math.log(0.5)]], requires_grad=True)
+    advantages, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 1)
+    loss, metrics = grpo_loss(per_token_logps, old, advantages, mask, loss_type="bnpo", epsilon=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    loss.backward()
+    assert torch.equal(per_token_logps.grad, torch.zeros(2, 1))
+    assert metrics["clip_ratio/low_mean"] == 0.5 and metrics["clip_ratio/high_mean"] == 0.5
+    assert metrics["clip_ratio/region_mean"] == 1.0
+    # epsilon_high = 0.6 (clip-higher): 1.5 is inside [0.8, 1.6], only the low side clips
+    loss, metrics = grpo_loss(
+        per_token_logps, old, advantages, mask, loss_type="bnpo", epsilon=0.2, epsilon_high=0.6
+    )
+    assert loss.item() == pytest.approx((-1.5 + 0.8) / 2)
+    assert metrics["clip_ratio/high_mean"] == 0 and metrics["clip_ratio/low_mean"] == 0.5
+    # the pessimistic side is never clipped: ratio 1.5 with A = -1 keeps its loss 1.5 and its gradient
+    loss, metrics = grpo_loss(per_token_logps[:1], old[:1], torch.tensor([-1.0]), mask[:1], loss_type="bnpo")
+    assert loss.item() == pytest.approx(1.5) and metrics["clip_ratio/region_mean"] == 0
+
+
+def test_grpo_loss_k3_kl():
+    """pi_ref / pi_theta = 2 on one token: k3 = 2 - ln 2 - 1; with A = 0 the loss is beta * k3."""
+    per_token_logps = torch.tensor([[-1.0]])
+    ref = per_token_logps + math.log(2.0)
+    k3 = 2 - math.log(2) - 1
+    loss, metrics = grpo_loss(
+        per_token_logps, per_token_logps, torch.zeros(1), torch.ones(1, 1), beta=0.1, ref_per_token_logps=ref
+    )
+    assert loss.item() == pytest.approx(0.1 * k3) and metrics["kl"].item() == pytest.approx(k3)
+    loss, metrics = grpo_loss(
+        per_token_logps,
+        per_token_logps,
+        torch.zeros(1),
+        torch.ones(1, 1),
+        beta=0.1,
+        ref_per_token_logps=per_token_logps,
+    )
+    assert loss.item() == 0 and metrics["kl"].item() == 0  # policy == reference
+    with pytest.raises(ValueError, match="ref_per_token_logps"):
+        grpo_loss(per_token_logps, per_token_logps, torch.zeros(1), torch.ones(1, 1), beta=0.1)
+
+
+def test_grpo_loss_sequence_level_ratio():
+    """GSPO: token log-ratios [ln 2, 0] give one ratio exp(ln 2 / 2) = sqrt 2 for the sequence."""
+    old = torch.zeros(1, 3)
+    per_token_logps = torch.tensor([[math.log(2.0), 0.0, 5.0]])  # the third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    loss, metrics = grpo_loss(
+        per_token_logps,
+        old,
+        torch.ones(1),
+        mask,
+        importance_sampling_level="sequence",
+        epsilon=0.2,
+        epsilon_high=0.5,
+    )
+    assert loss.item() == pytest.approx(-math.sqrt(2))
+    loss, metrics = grpo_loss(per_token_logps, old, torch.ones(1), mask, importance_sampling_level="sequence")
+    assert (
+        loss.item() == pytest.approx(-1.2) and metrics["clip_ratio/high_mean"] == 1.0
+    )  # one clipped sequence
+
+
+def test_grpo_loss_dapo_is_invariant_to_micro_batching():
+    """dapo with num_items_in_batch = the step's tokens: micro-batch losses add up to the full-batch loss."""
+    torch.manual_seed(0)
+    per_token_logps, old = torch.randn(4, 5), torch.randn(4, 5)
+    advantages, mask = torch.randn(4), (torch.rand(4, 5) > 0.3).long()
+    full, _ = grpo_loss(per_token_logps, old, advantages, mask)
+    halves = [
+        grpo_loss(per_token_logps[s], old[s], advantages[s], mask[s], num_items_in_batch=mask.sum())[0]
+        for s in (slice(0, 2), slice(2, 4))
+    ]
+    assert torch.allclose(sum(halves), full)
+
+
+def test_grpo_loss_entropy_mask_drops_policy_term_only():
+    """Masked-out (low-entropy) tokens keep no policy-gradient term but still count in the normaliser."""
+    per_token_logps, old, advantages, mask = _on_policy_batch()
+    entropy_mask = torch.tensor([[1, 0, 0], [0, 0, 1]])
+    loss, _ = grpo_loss(per_token_logps, old, advantages, mask, loss_type="bnpo", entropy_mask=entropy_mask)
+    assert loss.item() == pytest.approx((-1 + 2) / 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+def _digits():
+    return PatternFractionReward(pattern="[0-9]")
+
+
+def test_batch_size_that_does_not_fit_names_the_options(tiny_model_dir):
+    """3 prompts x 2 generations = 6 completions cannot make 4 optimizer steps: the error says what to change."""
+    module = GRPOModule(
+        tiny_model_dir, random_init=True, reward_funcs=[_digits()], num_generations=2, steps_per_generation=4
+    )
+    with pytest.raises(ValueError) as info:
+        module._split_sizes(3)
+    message = str(info.value)
+    for option in (
+        "data.batch_size (3)",
+        "model.num_generations (2)",
+        "model.steps_per_generation (4)",
+        "model.micro_batch_size",
+    ):
+        assert option in message
+    assert "e.g. data.batch_size: 4" in message
+    module.steps_per_generation, module.micro_batch_size = 1, 4
+    with pytest.raises(ValueError, match="divisible by 4"):
+        module._split_sizes(3)  # 6 completions in micro-batches of 4
+    assert module._split_sizes(4) == (8, 4)  # one optimizer step of 8 completions, two micro-batches
+
+
+def test_bad_options_raise(tiny_model_dir):
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], num_generations=1)
+    with pytest.raises(ValueError, match="reward_weights has 2 values for 1 reward_funcs"):
+        GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], loss_type="ppo")
+
+
+def _fit(module, datamodule, max_steps, callbacks=(), **trainer_kwargs):
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule)
+    return trainer
+
+
+class _Record(L.Callback):
+    """Keep the logged train metrics of every training step."""
+
+    def __init__(self):
+        self.history = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.history.append(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        )
+
+
+def test_all_options_together_conversational(tiny_model_dir):
+    """mu=2 x 2 optimizer steps with micro-batches, beta>0 (default ReferenceModel), chat prompts, extra
+    columns for the reward, truncated masking, top-entropy tokens, and validation logging val/reward."""
+    seen = {}
+
+    def answer_reward(prompts, completions, answer, completion_ids, **kwargs):
+        if not seen:  # the first call: training (no sanity check)
+            seen.update(prompt=prompts[0], completion=completions[0], answer=answer, ids=completion_ids[0])
+        return [float(a == "4") if i % 3 else None for i, a in enumerate(answer)]
+
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+2"}], "answer": str(i + 2)} for i in range(8)]
+    module = GRPOModule(
+        tiny_model_dir,
+        random_init=True,
+        reward_funcs=[_digits(), answer_reward],
+        reward_weights=[1.0, 0.5],
+        num_generations=4,
+        max_completion_length=6,
+        num_iterations=2,
+        steps_per_generation=2,
+        micro_batch_size=2,
+        beta=0.04,
+        epsilon_high=0.28,
+        loss_type="grpo",
+        mask_truncated_completions=True,
+        top_entropy_quantile=0.5,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
+    datamodule = GRPODataModule(tiny_model_dir, rows, val_data=rows[:2], batch_size=2)
+    record = _Record()
+    trainer = _fit(
+        module,
+        datamodule,
+        max_steps=4,
+        callbacks=[record],
+        limit_val_batches=1,
+        val_check_interval=1,
+        num_sanity_val_steps=0,
+    )
+    assert (
+        trainer.global_step == 4 and len(record.history) == 1
+    )  # one generation batch, 2 x 2 optimizer steps
+    metrics = trainer.callback_metrics
+    assert seen["prompt"][0]["role"] == "user" and seen["completion"][0]["role"] == "assistant"
+    assert len(seen["answer"]) == 8 and isinstance(seen["ids"], list)  # columns repeated per generation
+    for name in (
+        "train/kl",
+        "train/entropy",
+        "train/clip_ratio/region_mean",
+        "train/rewards/answer_reward/mean",
+        "train/rewards/PatternFractionReward/std",
+        "train/frac_reward_zero_std",
+        "train/num_tokens",
+        "train/completions/clipped_ratio",
+        "val/reward",
+        "val/rewards/answer_reward/mean",
+    ):
+        assert name in metrics, name
+    assert metrics["train/kl"] >= 0
+
+
+def test_learning_signal_digits(tiny_model_dir):
+    """On a random-init tiny model GRPO raises the digit-fraction reward well above its start (~0.1)."""
+    L.seed_everything(0)
+    module = GRPOModule(
+        tiny_model_dir,
+        random_init=True,
+        reward_funcs=[_digits()],
+        num_generations=8,
+        max_completion_length=8,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
+    rows = [{"prompt": f"Digits only: {i}+{i % 7}=", "answer": str(i + i % 7)} for i in range(64)]
+    record = _Record()
+    _fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=4), max_steps=12, callbacks=[record])
+    rewards = [step["train/reward"] for step in record.history]
+    # num_iterations=1: old log-probs are the detached current ones, the ratio is exactly 1, nothing clips
+    assert all(step["train/clip_ratio/region_mean"] == 0 for step in record.history)
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.3, rewards  # measured (seeds 0-2): +0.57 to +0.62
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_micro_batching_does_not_change_the_update(tiny_model_dir, loss_type):
+    """One generation batch of 8 completions: micro_batch_size 2 (4 backward passes) gives the same SGD update
+    as one pass over all 8 (same seed, so the same completions)."""
+    rows = [{"prompt": f"Digits only: {i}+1="} for i in range(4)]
+    params = []
+    for micro_batch_size in (None, 2):
+        L.seed_everything(0)
+        module = GRPOModule(
+            tiny_model_dir,
+            random_init=True,
+            reward_funcs=[_digits()],
+            num_generations=4,
+            max_completion_length=6,
+            micro_batch_size=micro_batch_size,
+            loss_type=loss_type,
+            max_grad_norm=None,
+            optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+        )
+        _fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=2), max_steps=1)
+        params.append(torch.cat([p.detach().flatten() for p in module.model.parameters()]))
+    initial = torch.cat(
+        [
+            p.detach().flatten()
+            for p in GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()]).model.parameters()
+        ]
+    )
+    assert not torch.equal(params[0], initial)  # the step did something
+    assert torch.allclose(params[0], params[1], atol=1e-6)
