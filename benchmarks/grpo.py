@@ -7,17 +7,21 @@ to ``max_completion_length``). Nothing is downloaded.
 
     python benchmarks/grpo.py                       # HF generate rollout, one run
     python benchmarks/grpo.py --repeats 3           # three runs (fresh processes) and their medians
+    python benchmarks/grpo.py --rollout vllm --repeats 3   # a colocated vLLM engine (VLLMRollout)
 
 Timing: ``generation_s`` is the time inside ``pl_module.rollout.generate`` (wrapped, not
 replaced), ``training_s`` the rest of each ``training_step`` (rewards, log-probs, backward,
-optimizer step); the first ``--warmup`` steps are not measured. ``--rollout`` selects the engine;
-only ``hf`` exists yet (a vLLM engine plugs in by building it in `make_rollout`).
+optimizer step); the first ``--warmup`` steps are not measured (vLLM's start-up happens before
+the first step, its warm-up in it). ``--rollout vllm`` adds the `VLLMRollout` callback: its weight
+sync runs inside ``generate`` and is also reported alone (``sync_s_per_step``, ``sync_fraction``
+of the step), and the importance-sampling correction adds one no-grad forward to ``training_s``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,7 +34,10 @@ import lightning as L
 import torch
 
 from lit_posttrain import GRPODataModule, GRPOModule
+from lit_posttrain.callbacks.vllm_rollout import VLLMColocateRollout, VLLMRollout
 from lit_posttrain.rewards import PatternFractionReward
+
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON report
 
 
 def make_model_dir(path: Path, vocab_size: int, hidden_size: int, num_layers: int) -> Path:
@@ -62,39 +69,62 @@ def make_model_dir(path: Path, vocab_size: int, hidden_size: int, num_layers: in
     return path
 
 
-def make_rollout(name: str, module: GRPOModule):
-    if name == "hf":
-        return module.rollout  # the default HFRollout
-    raise ValueError(f"--rollout must be one of ['hf'], got {name!r}")
+def rollout_callbacks(args) -> list[L.Callback]:
+    """The callbacks that swap in the rollout engine (none for the default HFRollout)."""
+    if args.rollout == "hf":
+        return []
+    if args.rollout == "vllm":
+        return [
+            VLLMRollout(
+                kv_cache_memory_bytes=args.vllm_kv_cache_mb * 2**20,
+                max_model_len=args.prompt_length + args.max_completion_length,
+                enforce_eager=args.vllm_enforce_eager,
+                seed=args.seed,
+            )
+        ]
+    raise ValueError(f"--rollout must be one of ['hf', 'vllm'], got {args.rollout!r}")
 
 
 class TimedRollout:
-    """Wraps a rollout engine and accumulates the time spent in ``generate``."""
+    """Wraps a rollout engine and accumulates the time spent in ``generate`` (and, for vLLM, in
+    the weight sync that ``generate`` starts with)."""
 
     def __init__(self, engine):
-        self.engine, self.seconds = engine, 0.0
+        self.engine, self.seconds, self.sync_seconds = engine, 0.0, 0.0
 
     def generate(self, model, prompt_ids, **kwargs):
         start = time.perf_counter()
+        vllm = isinstance(self.engine, VLLMColocateRollout)
+        syncs = self.engine.num_syncs if vllm else 0
         try:
             return self.engine.generate(model, prompt_ids, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
+            if vllm and self.engine.num_syncs != syncs:
+                self.sync_seconds += self.engine.last_sync_time
 
 
 class StepTimer(L.Callback):
-    def __init__(self, rollout: TimedRollout, warmup: int):
-        self.rollout, self.warmup = rollout, warmup
+    """Wraps ``pl_module.rollout`` at setup (after a rollout callback swapped its engine in) and
+    times each training step."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
         self.steps: list[dict] = []
 
+    def setup(self, trainer, pl_module, stage):
+        self.rollout = pl_module.rollout = TimedRollout(pl_module.rollout)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.rollout.seconds = 0.0
+        self.rollout.seconds = self.rollout.sync_seconds = 0.0
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         total = time.perf_counter() - self.start
         if batch_idx >= self.warmup:
-            self.steps.append({"total_s": total, "generation_s": self.rollout.seconds})
+            self.steps.append(
+                {"total_s": total, "generation_s": self.rollout.seconds, "sync_s": self.rollout.sync_seconds}
+            )
 
 
 def run(args, model_dir: Path) -> dict:
@@ -108,8 +138,6 @@ def run(args, model_dir: Path) -> dict:
         micro_batch_size=args.micro_batch_size,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5),
     )
-    rollout = TimedRollout(make_rollout(args.rollout, module))
-    module.rollout = rollout
     generator = torch.Generator().manual_seed(args.seed)
     rows = [
         {
@@ -125,7 +153,7 @@ def run(args, model_dir: Path) -> dict:
     datamodule = GRPODataModule(
         str(model_dir), rows, batch_size=args.batch_size, max_length=args.prompt_length
     )
-    timer = StepTimer(rollout, args.warmup)
+    timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         max_steps=args.steps + args.warmup,
         accelerator=args.accelerator,
@@ -135,7 +163,7 @@ def run(args, model_dir: Path) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[*rollout_callbacks(args), timer],  # the timer wraps the rollout the others set
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -143,6 +171,7 @@ def run(args, model_dir: Path) -> dict:
     trainer.fit(module, datamodule)
     total = sum(s["total_s"] for s in timer.steps)
     generation = sum(s["generation_s"] for s in timer.steps)
+    sync = sum(s["sync_s"] for s in timer.steps)
     samples = len(timer.steps) * args.batch_size * args.num_generations
     result = {
         "num_params": sum(p.numel() for p in module.model.parameters()),
@@ -152,6 +181,8 @@ def run(args, model_dir: Path) -> dict:
         "generation_s_per_step": generation / len(timer.steps),
         "training_s_per_step": (total - generation) / len(timer.steps),
         "generation_fraction": generation / total,
+        "sync_s_per_step": sync / len(timer.steps),
+        "sync_fraction": sync / total,
         "peak_rss_mb": _peak_rss_mb(),  # this run (Linux); the process's peak so far elsewhere
     }
     if torch.cuda.is_available():
@@ -179,7 +210,9 @@ def _peak_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rollout", default="hf", choices=["hf"])
+    parser.add_argument("--rollout", default="hf", choices=["hf", "vllm"])
+    parser.add_argument("--vllm-kv-cache-mb", type=int, default=512, help="vLLM KV-cache size (CPU: RAM)")
+    parser.add_argument("--vllm-enforce-eager", action="store_true", help="skip vLLM's graph compilation")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--num-layers", type=int, default=8)

@@ -79,6 +79,8 @@ def create_engine(
 ):
     """An in-process `vllm.LLM` whose sampled-token log-probs are the processed ones
     (after temperature, top-k and top-p), comparable to the trainer's temperature-scaled log-probs.
+    With ``top_k`` / ``top_p`` they are log-probs of the truncated distribution that was sampled
+    from (the trainer's are of the full tempered one, as in TRL).
 
     Args:
         max_lora_rank: enable LoRA adapters up to this rank (adapter-only sync); None: no LoRA.
@@ -112,7 +114,16 @@ def create_engine(
 
 def load_weights(llm, weights) -> None:
     """Load ``(name, tensor)`` pairs (checkpoint names) into the engine in place and drop cached
-    prefixes computed with the old weights."""
+    prefixes computed with the old weights.
+
+    A single in-process worker (``uni``, or ``external_launcher`` under DDP) consumes the iterator
+    layer by layer. Worker processes (``tensor_parallel_size > 1`` on one node: ``mp``, ``ray``)
+    cannot receive a generator: they get a list, i.e. the whole model at once in host memory
+    (untested here: GPU only).
+    """
+    backend = llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+    if backend not in ("uni", "external_launcher"):
+        weights = list(weights)
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
     llm.reset_prefix_cache()
 
@@ -158,7 +169,9 @@ def generate(
     return completion_ids, logps
 
 
-def policy_weights(model, *, merge_lora: bool = True, zero3: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def policy_weights(
+    model, *, merge_lora: bool = True, zero3: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights as ``(checkpoint name, full tensor)``, one tensor at a time.
 
     Every rank of a sharded model must iterate this generator in step (gathering is collective).
@@ -245,6 +258,9 @@ def save_adapter(model, path: str | os.PathLike) -> str:
     if config.modules_to_save:
         raise ValueError("adapter-only sync does not support LoRA `modules_to_save`; use lora_sync='merged'")
     state = get_peft_model_state_dict(model, adapter_name=adapter)
-    save_file({name: _full_tensor(t).contiguous().cpu() for name, t in state.items()}, path / "adapter_model.safetensors")
+    save_file(
+        {name: _full_tensor(t).contiguous().cpu() for name, t in state.items()},
+        path / "adapter_model.safetensors",
+    )
     config.save_pretrained(path)
     return str(path)

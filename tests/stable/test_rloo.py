@@ -8,7 +8,7 @@ import torch
 
 from lit_posttrain import RLOODataModule, RLOOModule, rloo_advantages
 from lit_posttrain.rewards import PatternFractionReward
-from lit_posttrain.stable.rloo import rloo_loss
+from lit_posttrain.stable.rloo import rloo_loss, vllm_importance_sampling_ratio
 
 NAN = float("nan")
 
@@ -102,3 +102,23 @@ def test_learning_signal_digits_with_kl_in_reward(tiny_model_dir):
     assert all(step["train/clip_ratio/region_mean"] == 0 for step in record.history)
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.25, rewards  # measured (seeds 0-2): +0.40 to +0.53
+
+
+def test_rloo_loss_importance_sampling_ratio_weights_each_completion():
+    """The rollout-correction weight multiplies each completion's loss term: on policy the terms are
+    -A = [-1, 2]; weighted by [2, 0.5] they average (-2 + 1) / 2 = -0.5."""
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    weights, _ = vllm_importance_sampling_ratio(
+        logps, logps + torch.tensor([[-math.log(2.0), 0.0], [math.log(2.0), 0.0]]), torch.ones(2, 2), level="sequence"
+    )  # (2, 1): 2 and 0.5
+    loss, _ = rloo_loss(logps, logps, torch.tensor([1.0, -2.0]), torch.ones(2, 2), importance_sampling_ratio=weights)
+    assert loss.item() == pytest.approx(-0.5)
+
+
+def test_rloo_takes_sequence_level_importance_sampling_only(tiny_model_dir):
+    """RLOO's loss has one term per completion: token-level correction weights are refused, naming why."""
+    with pytest.raises(ValueError, match="RLOO's loss has one term per completion"):
+        RLOOModule(
+            tiny_model_dir, random_init=True, reward_funcs=[PatternFractionReward(pattern="[0-9]")],
+            vllm_importance_sampling_level="token",
+        )  # fmt: skip

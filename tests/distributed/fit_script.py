@@ -1,0 +1,247 @@
+"""Small fits of SFT, DPO, reward modeling, GRPO and RLOO for the tests in tests/distributed, run as a script.
+
+Lightning's DDP / ModelParallel launcher starts the other processes by running this same script
+again, so multi-process fits cannot run inside pytest's process; the tests call
+
+    python tests/distributed/fit_script.py RUNS.json
+
+where RUNS.json is a list of runs executed one after another in the same processes (one start-up
+for several fits). Each run writes to ``<root>/<name>/``:
+
+    logs/version_*/metrics.csv   CSVLogger (flushed every step, so a killed run keeps its rows)
+    ckpt/last.ckpt               with ``checkpoint: true`` (every optimizer step)
+    export/final/                HubExport: the plain Hugging Face directory
+    gathered.pt                  the full weights gathered by torch.distributed.checkpoint's own
+                                 ``get_model_state_dict(full_state_dict=True)`` (rank 0), to check
+                                 HubExport's gather against
+
+Run keys (defaults in ``DEFAULTS``): ``method`` sft | dpo | reward | grpo | rloo (RLOO with its
+default ``beta=0.05``, so with a reference model); ``strategy`` single | ddp | fsdp2;
+``devices``; ``max_steps``; ``batch_size`` (per process: sequences, pairs or prompts);
+``accumulate`` (SFT / DPO / reward: ``accumulate_grad_batches``; GRPO / RLOO: micro-batches per
+optimizer step);
+``precision``; ``checkpoint`` (ModelCheckpoint: ``last`` after every optimizer step); ``kill_at``
+(SIGKILL the process when the step after optimizer step ``kill_at`` starts, i.e. after that step's
+checkpoint and logged row: no teardown, like a lost node); ``resume`` (``ckpt_path="last"``);
+``rollout`` ``hf`` or ``per_prompt`` (GRPO / RLOO: sample each prompt's group alone with the RNG seeded
+by the prompt, so completions do not depend on which process or batch the prompt lands in: this is
+what lets a 2-process run be compared with a 1-process run); ``uneven_eos`` (GRPO: every token
+ends a completion on rank 0 only); ``steps_per_generation`` (GRPO / RLOO); ``dpo_loss_type`` and
+``precompute_ref_logps`` (DPO); ``num_rows`` (first rows of the training file only); ``lr``;
+``export`` (HubExport).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = str(ROOT / "examples" / "tiny-model")
+DATA = ROOT / "examples" / "data"
+
+DEFAULTS = {
+    "method": "sft",
+    "strategy": "single",
+    "devices": 1,
+    "max_steps": 4,
+    "batch_size": 8,
+    "accumulate": 1,
+    "precision": "32-true",
+    "kill_at": None,
+    "resume": False,
+    "checkpoint": False,
+    "rollout": "hf",
+    "uneven_eos": False,
+    "steps_per_generation": 1,
+    "dpo_loss_type": "sigmoid",
+    "precompute_ref_logps": False,
+    "num_rows": None,
+    "lr": None,
+    "export": True,
+}
+
+
+class KillAt(L.Callback):
+    """SIGKILL this process when the step after optimizer step ``step`` starts: like a node
+    failure, no teardown, no final checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RankZeroStopsAtOnce(L.Callback):
+    """On rank 0 every token ends a completion, on the other ranks only the real EOS ids: the ranks'
+    completions have different lengths, which a sharded policy must survive (lockstep decoding)."""
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank == 0:
+            pl_module.model.generation_config.eos_token_id = list(range(pl_module.model.config.vocab_size))
+
+
+class PerPromptRollout:
+    """Sample each prompt's group alone, with the global RNG seeded by the prompt's token ids, so
+    the completions do not depend on which process or batch the prompt lands in."""
+
+    def __init__(self, rollout):
+        self.rollout = rollout
+
+    def generate(self, model, prompt_ids, **kwargs):
+        from lit_posttrain.rollout import RolloutOutput
+
+        outputs = []
+        for ids in prompt_ids:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sum((i + 1) * t for i, t in enumerate(ids)))
+                outputs.append(self.rollout.generate(model, [ids], **kwargs))
+        return RolloutOutput(
+            completion_ids=[ids for out in outputs for ids in out.completion_ids],
+            completions=[text for out in outputs for text in out.completions],
+            truncated=[t for out in outputs for t in out.truncated],
+        )
+
+
+def rows(path: Path, num_rows: int | None):
+    if num_rows is None:
+        return str(path)
+    return [json.loads(line) for line in path.read_text().splitlines()[:num_rows]]
+
+
+def build(run: dict):
+    """-> (module, datamodule, extra callbacks)."""
+    method, batch_size, callbacks = run["method"], run["batch_size"], []
+    if method == "sft":
+        from lit_posttrain import SFTDataModule, SFTModule
+
+        lr = run["lr"] or 3e-3
+        module = SFTModule(TINY_MODEL, random_init=True, optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
+        train_data = rows(DATA / "sft" / "train.jsonl", run["num_rows"])
+        data = SFTDataModule(TINY_MODEL, train_data=train_data, batch_size=batch_size, max_length=32)
+    elif method == "dpo":
+        from lit_posttrain import DPODataModule, DPOModule
+
+        lr = run["lr"] or 1e-3
+        from lit_posttrain.callbacks import ReferenceModel
+
+        module = DPOModule(
+            TINY_MODEL,
+            random_init=True,
+            loss_type=run["dpo_loss_type"],
+            optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+        )
+        train_data = rows(DATA / "preference" / "train.jsonl", run["num_rows"])
+        data = DPODataModule(TINY_MODEL, train_data=train_data, batch_size=batch_size, max_length=32)
+        callbacks.append(ReferenceModel(precompute_ref_logps=run["precompute_ref_logps"]))
+    elif method == "reward":
+        from lit_posttrain import RewardDataModule, RewardModule
+
+        lr = run["lr"] or 1e-3
+        # centering gives the rewards' common offset a gradient: without it the Bradley-Terry loss
+        # ignores the offset and Adam turns its rounding noise into lr-sized steps
+        module = RewardModule(
+            TINY_MODEL,
+            random_init=True,
+            center_rewards_coefficient=0.01,
+            optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+        )
+        train_data = rows(DATA / "preference" / "train.jsonl", run["num_rows"])
+        data = RewardDataModule(TINY_MODEL, train_data=train_data, batch_size=batch_size, max_length=32)
+    elif method in ("grpo", "rloo"):
+        from lit_posttrain import GRPODataModule, GRPOModule, RLOODataModule, RLOOModule
+        from lit_posttrain.rewards import PatternFractionReward
+
+        lr = run["lr"] or 3e-3
+        num_generations = 4
+        Module, DataModule = (
+            (GRPOModule, GRPODataModule) if method == "grpo" else (RLOOModule, RLOODataModule)
+        )
+        module = Module(
+            TINY_MODEL,
+            random_init=True,
+            reward_funcs=[PatternFractionReward(pattern="[0-9]")],
+            num_generations=num_generations,
+            max_completion_length=8,
+            steps_per_generation=run["steps_per_generation"],
+            micro_batch_size=batch_size * num_generations // run["steps_per_generation"] // run["accumulate"],
+            optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+        )
+        if run["rollout"] == "per_prompt":
+            module.rollout = PerPromptRollout(module.rollout)
+        train_data = rows(DATA / "prompts" / "train.jsonl", run["num_rows"])
+        data = DataModule(TINY_MODEL, train_data=train_data, batch_size=batch_size)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return module, data, callbacks
+
+
+def fit(run: dict) -> None:
+    from lit_posttrain.callbacks import HubExport
+
+    run = {**DEFAULTS, **run}
+    out = Path(run["root"]) / run["name"]
+    L.seed_everything(0, verbose=False)
+    module, data, callbacks = build(run)
+    if run["strategy"] == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=run["devices"], tensor_parallel_size=1)
+    else:
+        strategy = {"single": "auto", "ddp": "ddp"}[run["strategy"]]
+    if run["export"]:
+        callbacks.append(HubExport(dirpath=out / "export"))
+    if run["checkpoint"] or run["resume"]:
+        callbacks.append(
+            ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
+        )
+    if run["kill_at"] is not None:
+        callbacks.append(KillAt(run["kill_at"]))
+    if run["uneven_eos"]:
+        callbacks.append(RankZeroStopsAtOnce())
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=run["devices"],
+        strategy=strategy,
+        precision=run["precision"],
+        max_steps=run["max_steps"],
+        accumulate_grad_batches=1 if run["method"] in ("grpo", "rloo") else run["accumulate"],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
+        callbacks=callbacks,
+        enable_checkpointing=run["checkpoint"] or run["resume"],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    trainer.fit(module, data, ckpt_path="last" if run["resume"] else None)
+    gathered = _gathered_state_dict(module.model)
+    if trainer.is_global_zero:
+        torch.save(gathered, out / "gathered.pt")
+    trainer.strategy.barrier()
+
+
+def _gathered_state_dict(model) -> dict:
+    """Full weights through PyTorch's own API (independent of HubExport's gather)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not torch.distributed.is_initialized():
+        return {name: t.detach().clone() for name, t in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # the same math in every process and run (bit-exact comparisons)
+    for run in json.loads(Path(sys.argv[1]).read_text()):
+        fit(run)
