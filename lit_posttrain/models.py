@@ -5,8 +5,7 @@ config: the directory's ``config.json`` (optionally updated by ``model_config``)
 ``model_config`` dict with a ``model_type`` alone. LoRA adapters come from a `LoRAConfig`, which
 maps one to one onto YAML fields.
 
-QLoRA (GPU only): load with ``quantization_config`` through ``model_kwargs`` of your own
-subclass or pass ``dtype="bfloat16"`` and a 4-bit ``BitsAndBytesConfig``; see README "QLoRA".
+QLoRA (GPU only) is not wired in: see README "LoRA and QLoRA".
 """
 
 from __future__ import annotations
