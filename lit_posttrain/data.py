@@ -43,12 +43,43 @@ def describe_source(source: DatasetSource) -> str:
     return f"in-memory Dataset ({source.num_rows} rows)"
 
 
-def load_rows(source: DatasetSource, *, split: str = "train", name: str | None = None) -> datasets.Dataset:
-    """Load ``source`` as a `datasets.Dataset` (one split).
+def load_rows(
+    source: DatasetSource,
+    *,
+    split: str = "train",
+    name: str | None = None,
+    columns: dict[str, str] | None = None,
+) -> datasets.Dataset:
+    """Load ``source`` as a `datasets.Dataset` (one split), its columns renamed as ``columns`` says.
 
     Local paths are read with the loader their extension names; anything else that is a string is
-    taken as a hub id (which needs network access).
+    taken as a hub id (which needs network access). ``split`` and ``name`` (the configuration)
+    apply to hub datasets. ``columns`` maps the names a method expects to the data's own
+    (``{"prompt": "question"}``: the data's ``question`` column is read as ``prompt``).
     """
+    rows = _load(source, split=split, name=name)
+    return rename_columns(rows, columns, describe_source(source)) if columns else rows
+
+
+def rename_columns(rows: datasets.Dataset, columns: dict[str, str], source: str) -> datasets.Dataset:
+    """Rename the data's columns to the expected names: ``columns`` maps expected -> the data's."""
+    for expected, actual in columns.items():
+        if actual not in rows.column_names:
+            raise DataFormatError(
+                f"{source}: columns maps {expected!r} to {actual!r}, which the data does not have "
+                f"(its columns: {', '.join(rows.column_names)})"
+            )
+    renames = {actual: expected for expected, actual in columns.items() if actual != expected}
+    clashes = [expected for expected in renames.values() if expected in rows.column_names and expected not in renames]
+    if clashes:
+        raise DataFormatError(
+            f"{source}: columns renames a column to {clashes[0]!r}, which the data already has; "
+            f"drop or map that column too"
+        )
+    return rows.rename_columns(renames) if renames else rows
+
+
+def _load(source: DatasetSource, *, split: str, name: str | None) -> datasets.Dataset:
     if isinstance(source, datasets.Dataset):
         return source
     if isinstance(source, list):

@@ -277,3 +277,20 @@ class ReferenceModel(L.Callback):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def find_reference_model(trainer: L.Trainer, method: str) -> ReferenceModel:
+    """The Trainer's one `ReferenceModel` callback; a clear error naming ``method`` otherwise.
+
+    Every method that reads a reference calls this, so a missing or doubled callback gives the same
+    message everywhere.
+    """
+    found = [callback for callback in trainer.callbacks if isinstance(callback, ReferenceModel)]
+    if len(found) != 1:
+        raise RuntimeError(
+            f"{method} needs exactly one lit_posttrain.callbacks.ReferenceModel callback, the Trainer has "
+            f"{len(found)}. The module adds one with defaults in configure_callbacks when it needs a reference "
+            "and the Trainer has none; a Trainer built without calling fit (or a second ReferenceModel in "
+            "trainer.callbacks) bypasses that: pass exactly one in trainer.callbacks."
+        )
+    return found[0]
