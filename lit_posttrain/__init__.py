@@ -7,6 +7,11 @@ The names exported here are the stable API (semantic versioning; deprecations wa
 
 __version__ = "0.1.0"
 
+
+class LitPosttrainExperimentalWarning(UserWarning):
+    """Warned once when an experimental module (`lit_posttrain.experimental`) is imported."""
+
+
 from lit_posttrain.models import LoRAConfig, load_model, load_tokenizer
 from lit_posttrain.stable.dpo import DataCollatorForPreference, DPODataModule, DPOModule, dpo_loss
 from lit_posttrain.stable.sft import DataCollatorForLanguageModeling, SFTDataModule, SFTModule, sft_loss
@@ -15,6 +20,7 @@ from lit_posttrain.stable.rloo import RLOODataModule, RLOOModule, rloo_advantage
 from lit_posttrain.stable.reward import RewardDataModule, RewardModule, reward_loss
 
 __all__ = [
+    "LitPosttrainExperimentalWarning",
     "GRPODataModule",
     "GRPOModule",
     "group_advantages",

@@ -19,6 +19,8 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from lit_posttrain import vllm_serve
+
 
 def _tokenizer_source(model_name_or_path, tokenizer_name_or_path=None):
     return tokenizer_name_or_path or model_name_or_path
@@ -49,9 +51,7 @@ def cli_main(args=None, run: bool = True) -> PostTrainCLI:
 
 def main() -> None:
     if sys.argv[1:2] == ["vllm-serve"]:  # `lit-posttrain vllm-serve --model PATH ...` (not a LightningCLI subcommand)
-        from lit_posttrain.vllm_serve import main as vllm_serve_main
-
-        return vllm_serve_main(sys.argv[2:])
+        return vllm_serve.main(sys.argv[2:])
     cli_main()
 
 

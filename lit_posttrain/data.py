@@ -25,6 +25,8 @@ from typing import Any, Union
 
 import datasets
 import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 DatasetSource = Union[str, list, datasets.Dataset]
 ROLES = ("system", "user", "assistant", "tool")
@@ -268,9 +270,6 @@ class LookaheadLoader:
         self._skip = 0  # micro-batches to skip at the next __iter__ (resume)
 
     def _sampler(self, epoch: int):
-        import torch
-        from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
-
         if self.trainer is not None and self.trainer.world_size > 1:
             sampler = DistributedSampler(
                 self.examples,
@@ -291,9 +290,6 @@ class LookaheadLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        import torch
-        from torch.utils.data import DataLoader
-
         epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch
         loader = DataLoader(
             self.examples,

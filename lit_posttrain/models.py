@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -50,8 +51,6 @@ class LoRAConfig:
     use_rslora: bool = False
 
     def to_peft(self, task_type: str):
-        from peft import LoraConfig
-
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -147,8 +146,6 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora is not None:
-        from peft import get_peft_model
-
         if gradient_checkpointing:
             model.enable_input_require_grads()
         peft_task = "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS"
@@ -162,14 +159,10 @@ def _has_weights(path: str) -> bool:
 
 def unwrap_peft(model) -> PreTrainedModel:
     """The underlying transformers model of a PEFT model (the model itself otherwise)."""
-    from peft import PeftModel
-
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def is_peft_model(model) -> bool:
-    from peft import PeftModel
-
     return isinstance(model, PeftModel)
 
 

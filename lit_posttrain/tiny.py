@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
 PAD, EOS, IM_START, IM_END = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, EOS, IM_START, IM_END]
 VOCAB_SIZE = 128  # 4 special tokens + 96 characters, rounded up
@@ -35,9 +38,6 @@ CHAT_TEMPLATE = (
 
 def build_tiny_tokenizer():
     """A character-level `PreTrainedTokenizerFast`: one token per printable ASCII character."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
     chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))

@@ -32,6 +32,7 @@ def test_model_path_is_linked_to_the_datamodule_tokenizer(monkeypatch):
 
 
 def test_model_help_shows_argument_docstrings():
+    """--model.help prints each argument with its docstring text."""
     out = _run("fit", "--model.help", "lit_posttrain.SFTModule")
     assert out.returncode == 0, out.stderr
     assert "build the model from its config with random weights" in out.stdout
@@ -39,6 +40,7 @@ def test_model_help_shows_argument_docstrings():
 
 
 def test_unknown_option_is_named():
+    """A misspelt option fails the CLI and the error names it."""
     out = _run("fit", "--config", "configs/quickstart/sft.yaml", "--model.init_args.loss_typ", "dft")
     assert out.returncode != 0
     assert "loss_typ" in out.stderr

@@ -41,6 +41,7 @@ def _is_local(config: dict) -> bool:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_config_instantiates(path, monkeypatch):
+    """A shipped YAML has a header with its launch command and builds its module, data and trainer."""
     monkeypatch.chdir(ROOT)
     config = yaml.safe_load(path.read_text())
     header = path.read_text().splitlines()[0]
@@ -64,6 +65,7 @@ def test_config_instantiates(path, monkeypatch):
 
 @pytest.mark.parametrize("path", STRATEGIES, ids=[p.name for p in STRATEGIES])
 def test_strategy_config_merges_with_a_method_config(path, monkeypatch):
+    """A strategy YAML merges with a method config and sets the strategy."""
     monkeypatch.chdir(ROOT)
     parsed = _cli(ParseOnlyCLI, ["--config", "configs/quickstart/sft.yaml", "--config", str(path)]).config
     assert parsed.trainer.strategy is not None

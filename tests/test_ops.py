@@ -23,6 +23,7 @@ def test_selective_log_softmax_matches_naive(dtype):
 
 
 def test_selective_log_softmax_gradient_matches_naive():
+    """selective_log_softmax's gradient equals that of log_softmax + gather."""
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11, requires_grad=True)
     index = torch.randint(0, 11, (3, 5))
@@ -34,6 +35,7 @@ def test_selective_log_softmax_gradient_matches_naive():
 
 
 def test_entropy_matches_naive():
+    """Chunked entropy equals -sum p log p, and log V for uniform logits."""
     torch.manual_seed(0)
     logits = torch.randn(10, 4, 30)
     p = logits.softmax(-1)
@@ -43,6 +45,7 @@ def test_entropy_matches_naive():
 
 
 def test_masked_mean_and_sum():
+    """Masked sums and means count only masked-in values; an empty row's mean is 0, not NaN."""
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
     assert masked_sum(values, mask).item() == 3.0
@@ -51,6 +54,7 @@ def test_masked_mean_and_sum():
 
 
 def test_pad_left_and_right():
+    """pad fills on the side asked for and rejects an unknown side."""
     seqs = [torch.tensor([1, 2, 3]), torch.tensor([4])]
     assert pad(seqs, 0).tolist() == [[1, 2, 3], [4, 0, 0]]
     assert pad(seqs, 9, padding_side="left").tolist() == [[1, 2, 3], [9, 9, 4]]

@@ -24,5 +24,6 @@ def test_readme_python_example_runs_with_a_plain_trainer(monkeypatch, tmp_path):
 
 
 def test_readme_commands_name_existing_files():
+    """Every config and script the README's commands name exists."""
     for path in re.findall(r"--config (\S+\.yaml)", README) + re.findall(r"bash (\S+\.sh)", README):
         assert (ROOT / path).exists(), path

@@ -15,6 +15,7 @@ def test_shipped_tiny_model_matches_recipe(tmp_path, tiny_model_dir):
 
 
 def test_tiny_tokenizer_round_trips_characters(tiny_tokenizer):
+    """The character tokenizer gives one token per character and decodes back to the text."""
     text = "12+7=19 hello\nWorld!"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text)  # one token per character, whitespace kept
@@ -33,6 +34,7 @@ def test_tiny_model_seeded_and_vllm_friendly(tiny_model_dir):
 
 
 def test_directory_without_weights_needs_random_init(tiny_model_dir):
+    """Loading a weightless directory without random_init fails and says to set it."""
     import pytest
 
     with pytest.raises(FileNotFoundError, match="random_init: true"):

@@ -66,7 +66,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from huggingface_hub import ModelCardData
+from huggingface_hub import HfApi, ModelCardData
 from peft import PeftModel
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -219,8 +219,6 @@ class HubExport(L.Callback):
         return f"loads with {auto_class}.from_pretrained; the LoRA adapter in adapter/ with {adapter}"
 
     def _push(self, folder: Path, method: str, step: int) -> None:
-        from huggingface_hub import HfApi
-
         api = HfApi(token=os.environ["HF_TOKEN"])  # the token is only ever read from the environment
         api.create_repo(self.hub_repo_id, private=self.hub_private, exist_ok=True, repo_type="model")
         api.upload_folder(

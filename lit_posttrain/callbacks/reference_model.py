@@ -46,6 +46,7 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor import DTensor
 
 from lit_posttrain.models import is_peft_model
 
@@ -179,8 +180,6 @@ class ReferenceModel(L.Callback):
     @torch.no_grad()
     def sync(self) -> None:
         """TR-DPO soft update: ``ref <- alpha * policy + (1 - alpha) * ref`` for every parameter."""
-        from torch.distributed.tensor import DTensor
-
         alpha = self.mixup_alpha
         for (name, ref), (policy_name, param) in zip(
             self.model.named_parameters(), self.policy.named_parameters(), strict=True
@@ -212,7 +211,7 @@ class ReferenceModel(L.Callback):
             )
             hit = trainer.strategy.broadcast(os.path.isfile(path), src=0)
             if hit:
-                columns = torch.load(path) if trainer.is_global_zero else None
+                columns = torch.load(path, weights_only=True) if trainer.is_global_zero else None
                 rank_zero_info(f"ReferenceModel: {split} reference log-probs loaded from {path}")
                 return trainer.strategy.broadcast(columns, src=0)
         rank_zero_info(

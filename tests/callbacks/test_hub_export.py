@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 from typing import ClassVar
 
-import huggingface_hub
+import lit_posttrain.callbacks.hub_export as hub_export_module
 import lightning as L
 import pytest
 import torch
@@ -330,7 +330,7 @@ def test_push_to_hub(tiny_model_dir, train_file, tmp_path, monkeypatch, capsys):
 
     secret = "hf_SECRETtoken0123456789"
     monkeypatch.setenv("HF_TOKEN", secret)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(hub_export_module, "HfApi", FakeHfApi)  # the module imports HfApi by name
     FakeHfApi.calls = []
     logger = L.pytorch.loggers.CSVLogger(tmp_path / "logs")
     fit(
