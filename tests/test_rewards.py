@@ -1,5 +1,6 @@
 """Built-in reward functions and the scoring wrapper (lit_posttrain.rewards)."""
 
+import re
 import warnings
 
 import pytest
@@ -9,7 +10,9 @@ from lit_posttrain.rewards import (
     PatternFractionReward,
     RewardFunctionError,
     SoftOverlongPunishment,
+    TrainerState,
     accuracy_reward,
+    check_reward_funcs,
     reward_func_name,
     score_completions,
     think_format_reward,
@@ -133,11 +136,11 @@ def test_score_completions_none_nan_and_bad_outputs():
     assert torch.allclose(rewards.nan_to_num(), expected.nan_to_num())
 
     with pytest.raises(RewardFunctionError, match="'short' must return a list of 2 values"):
-        short = _named("short", lambda p, c, **k: [1.0])
+        short = _named("short", lambda prompts, completions, **k: [1.0])
         score_completions([short], ["a", "b"], ["x", "y"], completion_ids=[[1]] * 2, columns={})
     with pytest.raises(RewardFunctionError, match="returned 'good' for sample 1"):
         score_completions(
-            [_named("text", lambda p, c, **k: [1.0, "good"])],
+            [_named("text", lambda prompts, completions, **k: [1.0, "good"])],
             ["a", "b"],
             ["x", "y"],
             completion_ids=[[1]] * 2,
@@ -148,6 +151,62 @@ def test_score_completions_none_nan_and_bad_outputs():
         score_completions(
             [returns_nan], ["a", "b", "c"], ["x", "y", "z"], completion_ids=[[1]] * 3, columns={}
         )
+
+
+# copied verbatim from TRL's GRPO documentation ("Using a custom reward function")
+def reward_len(completions, **kwargs):
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def reward_func(completions, ground_truth, **kwargs):
+    # Regular expression to capture content inside \boxed{}
+    matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
+    contents = [match.group(1) if match else "" for match in matches]
+    # Reward 1 if the content is the same as the ground truth, 0 otherwise
+    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
+
+
+def test_trl_style_reward_functions_are_called_with_keywords():
+    """Functions written as TRL documents them (completions first, columns by name) score unchanged."""
+    completions = ["\\boxed{7}" + "x" * 10, "\\boxed{8}"]
+    seen = {}
+
+    def reads_state(prompts, completions, trainer_state, **kwargs):
+        seen["step"] = trainer_state.global_step
+        return [0.0] * len(completions)
+
+    rewards = score_completions(
+        [reward_len, reward_func, reads_state],
+        ["p0", "p1"],
+        completions,
+        completion_ids=[[1], [2]],
+        columns={"ground_truth": ["7", "9"]},
+        trainer_state=TrainerState(global_step=5),
+    )
+    assert rewards.tolist() == [[-abs(20 - 19), 1.0, 0.0], [-abs(20 - 9), 0.0, 0.0]]  # lengths 19 and 9
+    assert seen["step"] == 5
+
+
+def test_reward_signatures_are_checked_before_training():
+    """A reward function that cannot take the keywords it will get fails early, naming it and the parameter."""
+    check_reward_funcs([reward_len, reward_func, accuracy_reward], columns=["ground_truth", "answer"])
+
+    def needs_solution(completions, solution, **kwargs):
+        return [0.0] * len(completions)
+
+    def no_kwargs(completions):
+        return [0.0] * len(completions)
+
+    def positional_only(prompts, completions, /, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(TypeError, match="'needs_solution' needs parameter 'solution'.*ground_truth"):
+        check_reward_funcs([needs_solution], columns=["ground_truth"])
+    check_reward_funcs([needs_solution], columns=None)  # columns not known yet: nothing to blame
+    with pytest.raises(TypeError, match="'no_kwargs' does not take 'completion_ids', 'prompts', 'trainer_state'.*\\*\\*kwargs"):
+        check_reward_funcs([no_kwargs], columns=None)
+    with pytest.raises(TypeError, match="'positional_only': parameter 'prompts' is positional-only"):
+        check_reward_funcs([positional_only])
 
 
 def test_reward_func_names():

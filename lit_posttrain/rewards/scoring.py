@@ -1,6 +1,15 @@
 """Calling reward functions: one place that turns their outputs into a (N, F) tensor and their
 failures into errors that name the function and the sample.
 
+Calling convention (TRL's, so reward functions move between the libraries unchanged): every
+function is called with keywords only,
+
+    f(prompts=..., completions=..., completion_ids=..., trainer_state=..., **dataset_columns)
+
+so ``def f(completions, **kwargs)`` and ``def f(completions, answer, **kwargs)`` both work.
+`check_reward_funcs` checks every signature against those keywords before training starts and names
+the function and the parameter it cannot be given.
+
 Semantics (TRL's): a function returns one value per completion; ``None`` means "this function does
 not apply to this sample" and becomes NaN. A float NaN is treated the same way, but as it usually
 signals a bug it is also reported: a warning (once per function and process) that names the
@@ -11,10 +20,12 @@ columns with ``nansum`` and treats a sample where every function is NaN as unsco
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import types
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +34,64 @@ _WARNED_NAN: set[str] = set()
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised or returned something that is not one number (or None) per sample."""
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What a reward function may read of the training progress (``trainer_state=``), with the
+    field names of TRL's ``TrainerState``: ``global_step`` (optimizer steps so far), ``epoch``,
+    ``max_steps`` (-1 when the run is bounded by epochs)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    max_steps: int = -1
+
+
+# the keywords every reward function is called with, besides the dataset's columns
+REWARD_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def check_reward_funcs(reward_funcs: Sequence[Callable], columns: Sequence[str] | None = None) -> None:
+    """Check that every reward function can be called with the keywords `score_completions` passes.
+
+    ``columns`` are the dataset's extra columns (passed as keywords too); None when they are not
+    known yet (then only what does not depend on them is checked).
+
+    Raises:
+        TypeError: naming the function and the parameter: one that is positional-only, a required
+            one no keyword fills, or (for a function without ``**kwargs``) a keyword it would be
+            given but does not take.
+    """
+    for reward_func in reward_funcs:
+        name = reward_func_name(reward_func)
+        try:
+            parameters = inspect.signature(reward_func).parameters.values()
+        except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+            continue
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        given = set(REWARD_KEYWORDS) | set(columns or ())
+        for p in parameters:
+            if p.kind is p.POSITIONAL_ONLY:
+                raise TypeError(
+                    f"reward function {name!r}: parameter {p.name!r} is positional-only, but reward functions are "
+                    f"called with keywords ({', '.join(REWARD_KEYWORDS)}, and every dataset column)"
+                )
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                if p.name not in given and columns is not None:
+                    raise TypeError(
+                        f"reward function {name!r} needs parameter {p.name!r}, which no keyword fills: it is called "
+                        f"with {', '.join(REWARD_KEYWORDS)} and the dataset columns "
+                        f"({', '.join(columns) or 'none'}); give it a default or add the column to the data"
+                    )
+        if not takes_any:
+            extra = sorted((set(REWARD_KEYWORDS) if columns is None else given) - names)
+            if extra:
+                raise TypeError(
+                    f"reward function {name!r} does not take {', '.join(repr(e) for e in extra)}: it is called "
+                    f"with keywords ({', '.join(REWARD_KEYWORDS)}, and every dataset column); add **kwargs to its "
+                    "parameters"
+                )
 
 
 def reward_func_name(reward_func: Callable) -> str:
@@ -41,17 +110,20 @@ def score_completions(
     *,
     completion_ids: list[list[int]],
     columns: dict[str, list],
+    trainer_state: TrainerState | None = None,
 ) -> torch.Tensor:
     """Call every reward function on the batch.
 
-    Each is called as ``f(prompts, completions, completion_ids=completion_ids, **columns)``, so it
-    should accept ``**kwargs`` for the keywords it does not use.
+    Each is called with keywords only, as TRL does: ``f(prompts=prompts, completions=completions,
+    completion_ids=completion_ids, trainer_state=trainer_state, **columns)``, so it should accept
+    ``**kwargs`` for the keywords it does not use.
 
     Args:
         prompts: one prompt per completion (string or messages), as in the dataset.
         completions: strings, or ``[{"role": "assistant", "content": ...}]`` for conversational data.
         completion_ids: the completions' token ids (e.g. for length penalties).
         columns: the other dataset columns, one value per completion.
+        trainer_state: the training progress (`TrainerState`); a default one when None.
     Returns:
         (N, F) float32 rewards, NaN where a function returned None (or NaN).
     Raises:
@@ -59,13 +131,14 @@ def score_completions(
             sample's index and prompt.
     """
     num_samples = len(completions)
+    keywords = {"completion_ids": completion_ids, "trainer_state": trainer_state or TrainerState(), **columns}
     rewards = torch.full((num_samples, len(reward_funcs)), float("nan"))
     for j, reward_func in enumerate(reward_funcs):
         name = reward_func_name(reward_func)
         try:
-            values = reward_func(prompts, completions, completion_ids=completion_ids, **columns)
+            values = reward_func(prompts=prompts, completions=completions, **keywords)
         except Exception as err:
-            where = _first_failing_sample(reward_func, prompts, completions, completion_ids, columns)
+            where = _first_failing_sample(reward_func, prompts, completions, keywords)
             raise RewardFunctionError(
                 f"reward function {name!r} raised {type(err).__name__}: {err} ({where})"
             ) from err
@@ -108,15 +181,14 @@ def score_completions(
     return rewards
 
 
-def _first_failing_sample(reward_func, prompts, completions, completion_ids, columns) -> str:
+def _first_failing_sample(reward_func, prompts, completions, keywords: dict) -> str:
     """Re-run the function one sample at a time to find the first sample that makes it fail."""
     for i in range(len(completions)):
         try:
             reward_func(
-                [prompts[i]],
-                [completions[i]],
-                completion_ids=[completion_ids[i]],
-                **{key: [values[i]] for key, values in columns.items()},
+                prompts=[prompts[i]],
+                completions=[completions[i]],
+                **{key: value if key == "trainer_state" else [value[i]] for key, value in keywords.items()},
             )
         except Exception:
             return f"sample {i} of the batch, prompt {_show(prompts[i])}, completion {_show(completions[i])}"
