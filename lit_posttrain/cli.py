@@ -9,21 +9,83 @@ LightningDataModule; ``model.init_args.model_name_or_path`` is linked to the Dat
 ``tokenizer`` unless the module names a separate ``tokenizer_name_or_path``. Reward functions and
 other callables can be given as import paths; the working directory is importable, so a
 ``my_rewards.py`` next to your config works as ``my_rewards.my_reward``.
+
+Quiet by default: the progress bar names the step budget (``Training to step 400``, not
+``Epoch 0/-2``) and drops ``v_num``; Lightning's litlogger tip and a deprecation warning Lightning raises inside
+its own code on every fit are not shown. ``--verbose`` (anywhere on the command line) or
+``LIT_POSTTRAIN_VERBOSE=1`` shows everything again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 
+import lightning
+import torch
+import transformers
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
+import lit_posttrain
 from lit_posttrain import vllm_serve
+
+OVERVIEW = f"""lit-posttrain {lit_posttrain.__version__}: post-training for language models as Lightning modules.
+
+Usage: lit-posttrain SUBCOMMAND [options]
+
+Subcommands:
+  fit          train:                 lit-posttrain fit --config configs/quickstart/sft.yaml
+  validate     the validation metrics of a model (or a checkpoint with --ckpt_path)
+  vllm-serve   a vLLM generation server for VLLMRollout(mode="server")
+  (each takes --help)
+
+Methods (model.class_path / data.class_path):
+  lit_posttrain.SFTModule / SFTDataModule         supervised fine-tuning
+  lit_posttrain.DPOModule / DPODataModule         direct preference optimization (15 loss types)
+  lit_posttrain.RewardModule / RewardDataModule   reward modeling (Bradley-Terry)
+  lit_posttrain.GRPOModule / GRPODataModule       online RL, group-relative advantages
+  lit_posttrain.RLOOModule / RLOODataModule       online RL, leave-one-out baselines
+  experimental: lit_posttrain.experimental.<method>.<Method>Module
+
+Quickstarts (CPU, tiny local model, a few minutes each): configs/quickstart/*.yaml
+Options of a method: lit-posttrain fit --model.help lit_posttrain.GRPOModule
+Options: --version; --verbose (show Lightning's and vLLM's full output)
+"""
 
 
 def _tokenizer_source(model_name_or_path, tokenizer_name_or_path=None):
     return tokenizer_name_or_path or model_name_or_path
+
+
+class StepProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+    """Lightning's progress bar, naming the step budget when the run is bounded by ``max_steps``
+    (Lightning prints ``Epoch 0/-2`` there) and without ``v_num``."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+    def _get_train_description(self, current_epoch: int) -> str:  # RichProgressBar's hook
+        if self.trainer.max_steps > 0 and self.trainer.max_epochs in (None, -1):
+            return f"Training to step {self.trainer.max_steps}"
+        return super()._get_train_description(current_epoch)
+
+
+class _DropTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet() -> None:
+    """Hide what every run prints and nobody acts on (``--verbose`` keeps it)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
 
 
 class PostTrainCLI(LightningCLI):
@@ -34,8 +96,28 @@ class PostTrainCLI(LightningCLI):
             compute_fn=_tokenizer_source,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``: the methods define no ``test_step`` / ``predict_step``."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> lightning.Trainer:
+        """Lightning's, plus the step-counting progress bar unless the config has its own or none."""
+        given = (config.get("callbacks") or []) + callbacks
+        given = given if isinstance(given, list) else [given]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not _verbose() and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _verbose() -> bool:
+    return os.environ.get("LIT_POSTTRAIN_VERBOSE", "") in ("1", "true", "True")
+
 
 def cli_main(args=None, run: bool = True) -> PostTrainCLI:
+    if not _verbose():
+        _quiet()
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     return PostTrainCLI(
@@ -50,6 +132,18 @@ def cli_main(args=None, run: bool = True) -> PostTrainCLI:
 
 
 def main() -> None:
+    if "--verbose" in sys.argv[1:]:
+        sys.argv.remove("--verbose")
+        os.environ["LIT_POSTTRAIN_VERBOSE"] = "1"
+    if sys.argv[1:] in ([], ["-h"], ["--help"]):
+        print(OVERVIEW)
+        return
+    if sys.argv[1:] == ["--version"]:
+        print(
+            f"lit-posttrain {lit_posttrain.__version__} (lightning {lightning.__version__}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__})"
+        )
+        return
     if sys.argv[1:2] == ["vllm-serve"]:  # `lit-posttrain vllm-serve --model PATH ...` (not a LightningCLI subcommand)
         return vllm_serve.main(sys.argv[2:])
     cli_main()

@@ -44,3 +44,42 @@ def test_unknown_option_is_named():
     out = _run("fit", "--config", "configs/quickstart/sft.yaml", "--model.init_args.loss_typ", "dft")
     assert out.returncode != 0
     assert "loss_typ" in out.stderr
+
+
+def test_help_names_methods_subcommands_and_quickstarts_and_version_works():
+    """`lit-posttrain --help` lists every stable method, the subcommands and the quickstarts; --version prints."""
+    import lit_posttrain
+
+    out = _run("--help")
+    assert out.returncode == 0, out.stderr
+    for name in lit_posttrain.__all__:
+        if name.endswith("Module") and not name.endswith("DataModule"):
+            assert f"lit_posttrain.{name}" in out.stdout, name
+    for word in ("fit", "validate", "vllm-serve", "configs/quickstart/", "--version"):
+        assert word in out.stdout, word
+    version = _run("--version")
+    assert version.returncode == 0 and version.stdout.startswith(f"lit-posttrain {lit_posttrain.__version__}")
+
+
+def test_subcommands_without_a_step_method_are_not_offered():
+    """`test` and `predict` (no test_step / predict_step in any method) are refused with the valid choices."""
+    out = _run("test", "--config", "configs/quickstart/sft.yaml")
+    assert out.returncode != 0
+    assert "invalid choice: 'test'" in out.stderr and "'fit', 'validate'" in out.stderr
+
+
+def test_a_run_prints_no_noise_unless_verbose(tmp_path):
+    """A CLI run shows no `Epoch 0/-2`, `v_num`, litlogger tip or LeafSpec deprecation; --verbose shows them."""
+    args = ["fit", "--config", "configs/quickstart/sft.yaml", "--trainer.max_steps", "2",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.callbacks", "[]"]  # fmt: skip
+    quiet = _run(*args)
+    assert quiet.returncode == 0, quiet.stderr
+    output = quiet.stdout + quiet.stderr
+    for noise in ("Epoch 0/-2", "v_num", "litlogger", "LeafSpec"):
+        assert noise not in output, noise
+    assert "Training to step 2" in output
+    loud = _run(*args, "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert "litlogger" in loud.stdout + loud.stderr and "v_num" in loud.stdout + loud.stderr
