@@ -14,6 +14,13 @@ Quiet by default: the progress bar names the step budget (``Training to step 400
 ``Epoch 0/-2``) and drops ``v_num``; Lightning's litlogger tip and a deprecation warning Lightning raises inside
 its own code on every fit are not shown. ``--verbose`` (anywhere on the command line) or
 ``LIT_POSTTRAIN_VERBOSE=1`` shows everything again.
+
+Resuming: ``--ckpt_path last`` resumes from the newest ``last*.ckpt`` of the run's
+``ModelCheckpoint`` callbacks and is an error when there is none (Lightning would warn and start
+from step 0, exit code 0); ``--ckpt_path last_if_any`` resumes when there is one and starts afresh
+otherwise (for job scripts that run the same command first and after a preemption). Give the
+``ModelCheckpoint`` a fixed ``dirpath``: without one it writes into the logger's version folder,
+which is new on every run, so a rerun never finds it.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ import lightning
 import torch
 import transformers
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 import lit_posttrain
@@ -94,6 +102,33 @@ class PostTrainCLI(LightningCLI):
             ("model.init_args.model_name_or_path", "model.init_args.tokenizer_name_or_path"),
             "data.init_args.tokenizer",
             compute_fn=_tokenizer_source,
+        )
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path last`` / ``last_if_any`` before Lightning does, refusing a silent restart."""
+        config = self.config_init[self.subcommand]
+        requested = config.get("ckpt_path")
+        if requested not in ("last", "last_if_any"):
+            return
+        callbacks = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        found = set()
+        for callback in callbacks:
+            found |= {path for path in callback._find_last_checkpoints(self.trainer) if os.path.exists(path)}
+        if found:
+            config["ckpt_path"] = "last"
+            return
+        if requested == "last_if_any":
+            rank_zero_info("lit-posttrain: --ckpt_path last_if_any found no checkpoint: training starts at step 0")
+            config["ckpt_path"] = None
+            return
+        where = ", ".join(str(c.dirpath) if c.dirpath else "the logger's version folder (new on every run)" for c in callbacks)
+        raise SystemExit(
+            "lit-posttrain: --ckpt_path last: no last checkpoint to resume from "
+            + (f"(looked in {where}). " if callbacks else "(the run has no ModelCheckpoint callback). ")
+            + "Give a ModelCheckpoint a fixed dirpath and save_last: true, e.g. trainer.callbacks: "
+            "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: outputs/run/checkpoints, "
+            "save_last: true, every_n_train_steps: 100}}]; or pass --ckpt_path last_if_any to start afresh when "
+            "there is nothing to resume."
         )
 
     @staticmethod

@@ -83,3 +83,60 @@ def test_a_run_prints_no_noise_unless_verbose(tmp_path):
     loud = _run(*args, "--verbose")
     assert loud.returncode == 0, loud.stderr
     assert "litlogger" in loud.stdout + loud.stderr and "v_num" in loud.stdout + loud.stderr
+
+
+def _checkpointing_config(tmp_path: Path) -> Path:
+    """The SFT quickstart with a ModelCheckpoint in a fixed folder (as docs/distributed.md recommends)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "resume.yaml"
+    path.write_text(f"""\
+# the SFT quickstart, checkpointing every 3 steps into a fixed folder: lit-posttrain fit --config resume.yaml
+trainer:
+  max_steps: 400
+  enable_checkpointing: true
+  num_sanity_val_steps: 0
+  limit_val_batches: 0
+  log_every_n_steps: 1
+  default_root_dir: {tmp_path}
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {tmp_path}}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {tmp_path / "checkpoints"}, save_last: true, every_n_train_steps: 3, save_top_k: 0}}
+""")
+    return path
+
+
+def test_ckpt_path_last_resumes_a_killed_run_and_refuses_a_silent_restart(tmp_path):
+    """SIGKILL a CLI run, rerun it with --ckpt_path last: it continues after the killed step; with nothing
+    to resume `last` fails (non-zero, saying what to do) and `last_if_any` starts at step 0."""
+    import csv
+    import signal
+    import time
+
+    config = ["fit", "--config", "configs/quickstart/sft.yaml", "--config", str(_checkpointing_config(tmp_path))]
+    nothing = _run(*config, "--ckpt_path", "last")
+    assert nothing.returncode != 0
+    assert "no last checkpoint to resume from" in nothing.stderr and "dirpath" in nothing.stderr
+
+    process = subprocess.Popen([sys.executable, "-m", "lit_posttrain", *config], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps past the checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.exists(), "the run wrote no checkpoint before it was killed"
+
+    resumed = _run(*config, "--ckpt_path", "last", "--trainer.max_steps", "12")
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = sorted(tmp_path.glob("lightning_logs/version_*/metrics.csv"))[-1]
+    steps = [int(row["step"]) for row in csv.DictReader(metrics.open()) if row.get("train/loss")]
+    assert steps[0] >= 3 and steps[-1] == 11, steps  # continued after a checkpointed step, up to max_steps
+
+    fresh = _run(*config[:-2], "--config", str(_checkpointing_config(tmp_path / "other")), "--ckpt_path",
+                 "last_if_any", "--trainer.max_steps", "2")  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr
