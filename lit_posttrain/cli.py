@@ -15,6 +15,11 @@ Quiet by default: the progress bar names the step budget (``Training to step 400
 its own code on every fit are not shown. ``--verbose`` (anywhere on the command line) or
 ``LIT_POSTTRAIN_VERBOSE=1`` shows everything again.
 
+A checkpoint never configures the run: LightningCLI lays a checkpoint's saved hyperparameters over
+the config given with ``--ckpt_path``; here the config and command line alone decide (a checkpoint
+cannot switch on ``trust_remote_code``, change a model path or the module class), and a checkpoint
+whose saved values differ from them stops the run before anything is built, listing each difference.
+
 Resuming: ``--ckpt_path last`` resumes from the newest ``last*.ckpt`` of the run's
 ``ModelCheckpoint`` callbacks and is an error when there is none (Lightning would warn and start
 from step 0, exit code 0); ``--ckpt_path last_if_any`` resumes when there is one and starts afresh
@@ -25,10 +30,13 @@ which is new on every run, so a rerun never finds it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import pickle
 import sys
 import warnings
+from pathlib import Path
 
 import lightning
 import torch
@@ -41,6 +49,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 import lit_posttrain
 from lit_posttrain import vllm_serve
+from lit_posttrain.models import LoRAConfig
 
 OVERVIEW = f"""lit-posttrain {lit_posttrain.__version__}: post-training for language models as Lightning modules.
 
@@ -104,6 +113,43 @@ class PostTrainCLI(LightningCLI):
             compute_fn=_tokenizer_source,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Compare the checkpoint's saved hyperparameters with the config; never apply them.
+
+        (LightningCLI's version parses them over the config: an edited checkpoint could then switch
+        on ``trust_remote_code`` or replace the module class and explicit options silently.)
+        """
+        if not self.config.get("subcommand"):
+            return
+        subcommand = self.config.subcommand
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # "last" (resolved in before_fit) or a sharded checkpoint directory
+        torch.serialization.add_safe_globals([LoRAConfig])
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError) as err:
+            raise SystemExit(f"lit-posttrain: --ckpt_path {ckpt_path} cannot be loaded safely (weights only): {err}")
+        saved = dict(checkpoint.get("hyper_parameters") or {})
+        saved.pop("_instantiator", None)
+        model = self.config[subcommand].model
+        differences = []
+        saved_class = saved.pop("_class_path", None)
+        if saved_class and saved_class.rsplit(".", 1)[-1] != model.class_path.rsplit(".", 1)[-1]:
+            differences.append(("class_path", saved_class, model.class_path))
+        given = _plain(model.get("init_args")) or {}
+        for key, value in saved.items():
+            if key in given and _plain(value) != given[key]:
+                differences.append((f"init_args.{key}", _plain(value), given[key]))
+        if differences:
+            lines = "\n".join(f"  model.{key}: checkpoint {old!r}, config {new!r}" for key, old, new in differences)
+            raise SystemExit(
+                f"lit-posttrain: the checkpoint {ckpt_path} was saved with other model settings than this run's config "
+                f"and command line:\n{lines}\nA checkpoint never changes the configuration here: resume with the "
+                "config it was trained with, or start a new run (to start from its weights, export it with "
+                "`lit-posttrain export` and point model_name_or_path at the export)."
+            )
+
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` / ``last_if_any`` before Lightning does, refusing a silent restart."""
         config = self.config_init[self.subcommand]
@@ -146,6 +192,19 @@ class PostTrainCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+def _plain(value):
+    """Config values in one comparable form: namespaces and dataclasses as dicts, tuples as lists."""
+    if hasattr(value, "as_dict"):  # jsonargparse Namespace
+        value = value.as_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
 def _verbose() -> bool:
     return os.environ.get("LIT_POSTTRAIN_VERBOSE", "") in ("1", "true", "True")
 
@@ -181,6 +240,10 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["vllm-serve"]:  # `lit-posttrain vllm-serve --model PATH ...` (not a LightningCLI subcommand)
         return vllm_serve.main(sys.argv[2:])
+    if sys.argv[1:2] == ["diagnose"]:  # `lit-posttrain diagnose RUN_DIR`: the TrainingDiagnostics heuristics offline
+        from lit_posttrain.diagnostics import main as diagnose_main
+
+        sys.exit(diagnose_main(sys.argv[2:]))
     cli_main()
 
 

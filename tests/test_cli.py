@@ -140,3 +140,36 @@ def test_ckpt_path_last_resumes_a_killed_run_and_refuses_a_silent_restart(tmp_pa
     fresh = _run(*config[:-2], "--config", str(_checkpointing_config(tmp_path / "other")), "--ckpt_path",
                  "last_if_any", "--trainer.max_steps", "2")  # fmt: skip
     assert fresh.returncode == 0, fresh.stderr
+
+
+def test_a_checkpoint_cannot_configure_the_run(tmp_path):
+    """An edited checkpoint that switches on trust_remote_code and points at a directory with a modeling
+    file never runs that file; a checkpoint of another module class or with other options stops the run,
+    naming each difference."""
+    import torch
+
+    config = ["fit", "--config", "configs/quickstart/sft.yaml", "--config", str(_checkpointing_config(tmp_path))]
+    trained = _run(*config, "--trainer.max_steps", "1")
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+
+    marker = tmp_path / "remote-code-ran"
+    evil = tmp_path / "evil-model"
+    evil.mkdir()
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (evil / "config.json").write_text(
+        '{"model_type": "llama", "auto_map": {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}}'
+    )
+    checkpoint["hyper_parameters"].update(trust_remote_code=True, model_name_or_path=str(evil))
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    attacked = _run(*config, "--ckpt_path", str(tmp_path / "edited.ckpt"))
+    assert attacked.returncode != 0
+    assert "model.init_args.trust_remote_code: checkpoint True, config False" in attacked.stderr
+    assert not marker.exists(), "the checkpoint made the run load remote code"
+
+    other_class = _run("fit", "--config", "configs/quickstart/dpo.yaml", "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert other_class.returncode != 0
+    assert "model.class_path: checkpoint 'lit_posttrain.SFTModule', config 'lit_posttrain.DPOModule'" in other_class.stderr
+    explicit = _run(*config, "--model.init_args.loss_type", "dft", "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert explicit.returncode != 0
+    assert "model.init_args.loss_type: checkpoint 'nll', config 'dft'" in explicit.stderr
