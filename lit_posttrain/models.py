@@ -88,6 +88,7 @@ def load_model(
     lora: LoRAConfig | None = None,
     num_labels: int = 1,
     pad_token_id: int | None = None,
+    disable_dropout: bool = False,
 ) -> PreTrainedModel:
     """Load (or build, with ``random_init``) a model for ``task`` and optionally wrap it in LoRA.
 
@@ -104,6 +105,11 @@ def load_model(
         pad_token_id: the id the collator pads with (sequence classification). The head reads its
             score at the last token that is not ``config.pad_token_id``, so the two must agree; None
             keeps the config's pad id (EOS when it has none).
+        disable_dropout: set every ``torch.nn.Dropout`` to ``p=0`` (TRL's ``disable_dropout``;
+            dropout applied inside attention kernels from a config float is not affected).
+
+    The model is returned in train mode (``from_pretrained`` returns eval mode, which would
+    silently switch dropout off for a whole run); a caller that only infers calls ``eval()``.
     """
     if name_or_path is None and not (random_init and model_config and "model_type" in model_config):
         raise ValueError(
@@ -141,6 +147,12 @@ def load_model(
         model = auto_class.from_pretrained(name_or_path, config=config, dtype=torch_dtype, **kwargs)
     if random_init and name_or_path is not None and os.path.isfile(os.path.join(name_or_path, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(name_or_path)
+
+    model.train()
+    if disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
