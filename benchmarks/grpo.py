@@ -34,8 +34,9 @@ import lightning as L
 import torch
 
 from lit_posttrain import GRPODataModule, GRPOModule
-from lit_posttrain.callbacks.vllm_rollout import VLLMColocateRollout, VLLMRollout
+from lit_posttrain.callbacks import VLLMRollout
 from lit_posttrain.rewards import PatternFractionReward
+from lit_posttrain.rollout import VLLMColocateRollout
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON report
 

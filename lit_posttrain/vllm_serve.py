@@ -3,8 +3,9 @@
     lit-posttrain vllm-serve --model PATH [--random-init] --host 127.0.0.1 --port 8000
 
 The training side is `lit_posttrain.callbacks.VLLMRollout(mode="server", server_host=...,
-server_port=...)`. Every training rank posts its own prompts; global rank 0 pushes new weights
-after optimizer steps. ``--random-init`` starts from a directory without weights (config and
+server_port=...)`, whose engine, `lit_posttrain.rollout.VLLMServerRollout`, is this server's
+client. Every training rank posts its own prompts; global rank 0 pushes new weights after
+optimizer steps. ``--random-init`` starts from a directory without weights (config and
 tokenizer only): the trainer pushes its weights before the first generation.
 
 Multi-node layout: run this command on the inference node(s) (``--host 0.0.0.0``, and
@@ -16,7 +17,7 @@ several ranks are served one after another (one engine, continuous batching insi
 HTTP endpoints (JSON answers):
 - ``GET /health``: ``{"status": "ok", "num_weight_updates": n}``
 - ``POST /generate``: JSON ``{"prompt_ids", "num_generations", "max_completion_length",
-  "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop_token_ids"}`` ->
+  "temperature", "top_p", "top_k", "stop_token_ids"}`` ->
   ``{"completion_ids", "logps"}`` (prompt-major; log-probs of the sampled tokens after
   temperature / top-k / top-p)
 - ``POST /update_weights/begin``, ``/update_weights/chunk`` (body: safetensors bytes with
@@ -41,7 +42,9 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-from lit_posttrain import vllm_engine
+import safetensors.torch
+
+from lit_posttrain.rollout import vllm_engine
 
 
 class _WeightStream:
@@ -91,15 +94,13 @@ class VLLMServer(HTTPServer):
             temperature=request["temperature"],
             top_p=request["top_p"],
             top_k=request["top_k"],
-            min_p=request["min_p"],
-            repetition_penalty=request["repetition_penalty"],
             stop_token_ids=request["stop_token_ids"],
             lora_request=self.lora_request,
         )
         return {"completion_ids": completion_ids, "logps": logps}
 
     def update_adapter(self, weights: bytes, config: dict) -> dict:
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # optional dependency: vLLM
 
         lora_id = next(self.lora_ids)
         path = self.adapter_dir / f"v{lora_id}"
@@ -138,9 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
                 server.stream = _WeightStream(server.llm)
                 self._answer({"status": "ok"})
             elif self.path == "/update_weights/chunk":
-                from safetensors.torch import load
-
-                server.stream.chunks.put(load(body))
+                server.stream.chunks.put(safetensors.torch.load(body))
                 self._answer({"status": "ok"})
             elif self.path == "/update_weights/end":
                 start = time.perf_counter()

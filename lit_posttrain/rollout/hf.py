@@ -1,0 +1,98 @@
+"""`HFRollout`, the default rollout engine: one batched Hugging Face ``generate`` on the policy itself.
+
+Sharded policies (FSDP2 ``fully_shard``, FSDP1): every forward all-gathers parameters, a
+collective, so all ranks must run the same number of decoding steps although their completions
+end at different lengths. `HFRollout` then passes ``synced_gpus=True`` to ``generate``: a rank
+whose completions have all ended keeps running (discarded) forwards until every rank is done.
+Every rank must also call ``generate`` the same number of times (equal prompts per rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+from lit_posttrain.ops import pad
+from lit_posttrain.rollout.base import RolloutOutput, eos_ids
+
+
+class HFRollout:
+    """Sample with ``model.generate``: all prompts x generations in one left-padded batch.
+
+    Args:
+        tokenizer: pads the prompts, decodes the completions and supplies the EOS / pad ids.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int = 1,
+        max_completion_length: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        do_sample: bool = True,
+    ) -> RolloutOutput:
+        eos_token_ids = eos_ids(model, self.tokenizer)
+        pad_id = self.tokenizer.pad_token_id
+        repeated = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids for _ in range(num_generations)]
+        device = next(model.parameters()).device
+        input_ids = pad(repeated, pad_id, padding_side="left").to(device)  # (N, P)
+        attention_mask = pad([torch.ones_like(ids) for ids in repeated], 0, padding_side="left").to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_completion_length,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                top_k=top_k if do_sample else None,
+                # neutral whatever the model's generation config says, as in the vLLM engines (which
+                # do not read it)
+                min_p=None,
+                repetition_penalty=1.0,
+                eos_token_id=eos_token_ids,
+                pad_token_id=pad_id,
+                use_cache=True,
+                synced_gpus=_synced_gpus(model),
+            )  # (N, P + C)
+        finally:
+            model.train(was_training)
+        completion_ids = [_cut_at_eos(row, eos_token_ids) for row in out[:, input_ids.size(1) :].tolist()]
+        truncated = [
+            len(ids) >= max_completion_length and ids[-1] not in eos_token_ids for ids in completion_ids
+        ]
+        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return RolloutOutput(completion_ids=completion_ids, completions=completions, truncated=truncated)
+
+
+def _cut_at_eos(row: list[int], eos_token_ids: list[int]) -> list[int]:
+    """Keep tokens up to and including the first EOS (the rest is padding)."""
+    for i, token in enumerate(row):
+        if token in eos_token_ids:
+            return row[: i + 1]
+    return row
+
+
+def _synced_gpus(model) -> bool | None:
+    """True for a model sharded over several processes (FSDP2 / FSDP1): all ranks then decode in
+    lockstep. None lets transformers decide (it detects DeepSpeed ZeRO-3 itself).
+
+    transformers also detects FSDP2 through the ``_is_fsdp_managed_module`` marker ``fully_shard``
+    sets, and FSDP1 only when ``model`` itself is the FSDP wrapper; deciding here does not depend
+    on either (without lockstep, gloo aborts with "Received data size doesn't match expected size").
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    sharded = any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+    return True if sharded else None
