@@ -10,20 +10,38 @@ In a YAML's ``reward_funcs``::
     - class_path: lit_posttrain.rewards.model.RewardModelScorer
       init_args: {model_name_or_path: outputs/reward/export, batch_size: 16}
 
-Each prompt + completion is tokenized exactly as `RewardDataModule` tokenizes training pairs
-(`lit_posttrain.stable.reward.tokenize_for_reward`): the chat template over ``prompt + completion``
-for conversations, ``prompt + completion`` + EOS for plain text. The model is loaded at the first
-call (on the current CUDA device when there is one), not at construction, so building a config does
-not load weights.
+Each prompt + completion is tokenized exactly as `RewardDataModule` tokenizes training pairs, by
+`tokenize_for_reward` below: the chat template over ``prompt + completion`` for conversations,
+``prompt + completion`` + EOS for plain text. The model is loaded at the first call (on the current
+CUDA device when there is one), not at construction, so building a config does not load weights.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from lit_posttrain.models import DType, load_model, load_tokenizer
 from lit_posttrain.ops import pad
-from lit_posttrain.stable.reward import tokenize_for_reward
+
+
+def tokenize_for_reward(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], completion: str | list[dict]
+) -> list[int]:
+    """Token ids of ``prompt + completion`` as the reward model reads them.
+
+    Conversational (lists of messages): the chat template over the whole conversation. Plain text:
+    the tokenizer's own encoding of ``prompt + completion`` with EOS appended when it does not
+    already end with it (as TRL does). `RewardDataModule` tokenizes training pairs with it and
+    `RewardModelScorer` scores with it, so a trained model is scored on exactly the inputs it was
+    trained on.
+    """
+    if isinstance(completion, list):
+        return list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+    ids = list(tokenizer(prompt + completion)["input_ids"])
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 class RewardModelScorer:

@@ -53,11 +53,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from lit_posttrain.callbacks.reference_model import ReferenceModel
+from lit_posttrain.callbacks.reference_model import ReferenceModel, find_reference_model
 from lit_posttrain.data import (
     DataFormatError,
     DatasetSource,
@@ -110,6 +111,27 @@ class DataCollatorForPreference:
     Returns:
         ``input_ids`` (2B, T), ``attention_mask`` (2B, T) 1 on real tokens, ``completion_mask``
         (2B, T) 1 on completion tokens, plus the float columns (B,).
+
+    >>> collator = DataCollatorForPreference(pad_token_id=0)
+    >>> batch = collator([
+    ...     {"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+    ...     {"prompt_ids": [10], "chosen_ids": [11], "rejected_ids": [12, 13, 14]},
+    ... ])
+    >>> batch["input_ids"]  # chosen rows, then rejected rows
+    tensor([[ 5,  6,  7,  8],
+            [10, 11,  0,  0],
+            [ 5,  6,  9,  0],
+            [10, 12, 13, 14]])
+    >>> batch["attention_mask"]
+    tensor([[1, 1, 1, 1],
+            [1, 1, 0, 0],
+            [1, 1, 1, 0],
+            [1, 1, 1, 1]])
+    >>> batch["completion_mask"]
+    tensor([[0, 0, 1, 1],
+            [0, 1, 0, 0],
+            [0, 0, 1, 0],
+            [0, 1, 1, 1]])
     """
 
     def __init__(
@@ -166,7 +188,13 @@ class DPODataModule(L.LightningDataModule):
         batch_size: preference pairs per micro-batch (the model sees 2 x batch_size sequences).
         max_length: tokens per sequence (prompt + completion); longer ones keep their start.
         max_prompt_length: prompt tokens; longer prompts keep their end. None: no limit.
-        dataset_split: split to read from a hub dataset (e.g. ``train_prefs``).
+        num_workers: DataLoader worker processes.
+        seed: seed of the shuffling and of the ``val_size`` split.
+        dataset_split: split to read ``train_data`` from, for a hub dataset (e.g. ``train_prefs``).
+        val_dataset_split: split to read ``val_data`` from (e.g. ``test_prefs``); default ``dataset_split``.
+        dataset_config: hub dataset configuration name (e.g. ``"main"`` for ``openai/gsm8k``).
+        columns: maps the column names DPO expects to the data's own, e.g.
+            ``{prompt: question, chosen: good, rejected: bad}``; unmapped columns keep their names.
 
     For `ReferenceModel` precomputation it also offers ``ordered_dataloader(split, batch_size)``
     and ``add_columns(split, columns)``.
@@ -185,6 +213,8 @@ class DPODataModule(L.LightningDataModule):
         seed: int = 0,
         dataset_split: str = "train",
         val_dataset_split: str | None = None,
+        dataset_config: str | None = None,
+        columns: dict[str, str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
@@ -193,6 +223,7 @@ class DPODataModule(L.LightningDataModule):
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.num_workers, self.seed = num_workers, seed
         self.dataset_split, self.val_dataset_split = dataset_split, val_dataset_split or dataset_split
+        self.dataset_config, self.columns = dataset_config, columns
         self.collator = DataCollatorForPreference(self.tokenizer.pad_token_id, max_length, max_prompt_length)
         self.examples: dict[str, list[dict]] = {}
 
@@ -203,11 +234,12 @@ class DPODataModule(L.LightningDataModule):
             raise ValueError(
                 "DPODataModule: train_data is required (a path, hub id, list of dicts or Dataset)"
             )
-        train, source = load_rows(self.train_data, split=self.dataset_split), describe_source(self.train_data)
+        train = load_rows(self.train_data, split=self.dataset_split, name=self.dataset_config, columns=self.columns)
+        source = describe_source(self.train_data)
         self._check(train, source)
         val, val_source = None, None
         if self.val_data is not None:
-            val = load_rows(self.val_data, split=self.val_dataset_split)
+            val = load_rows(self.val_data, split=self.val_dataset_split, name=self.dataset_config, columns=self.columns)
             val_source = describe_source(self.val_data)
             self._check(val, val_source)
         elif self.val_size:
@@ -571,7 +603,8 @@ class DPOModule(L.LightningModule):
         # input tokens trained on, all ranks (checkpointed, as in SFTModule)
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in _METRICS})
-        self._step_sums, self._step_sums_at = None, -1  # training metric sums of the current optimizer step
+        self._step_sums: dict[str, torch.Tensor] = {}  # training metric sums of the current optimizer step
+        self._step_sums_at = -1  # ... and the global step they belong to
 
     def configure_callbacks(self):
         """A default `ReferenceModel` unless the Trainer has one (or ``reference_free``)."""
@@ -586,8 +619,6 @@ class DPOModule(L.LightningModule):
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
-
         mesh = self.device_mesh["data_parallel"]
         for layer in decoder_layers(self.model):
             fully_shard(layer, mesh=mesh)
@@ -604,29 +635,32 @@ class DPOModule(L.LightningModule):
         weights = _metric_weights(batch)
         num_items_in_batch = batch.get("num_items_in_batch")
         # one collective: the optimizer step's pairs, tokens, weighted metric sums and their weights, all ranks
-        stats = [
-            num_items_in_batch if num_items_in_batch is not None else num_pairs,
-            batch["attention_mask"].sum(),
-        ]
-        stats += [metrics[name] * weights[name] for name in _METRICS] + [weights[name] for name in _METRICS]
-        sums = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats]), reduce_op="sum")
+        metric_stats = {f"{name} sum": metrics[name] * weights[name] for name in _METRICS}
+        metric_stats.update({f"{name} weight": weights[name] for name in _METRICS})
+        stats = {
+            "num_items_in_batch": num_items_in_batch if num_items_in_batch is not None else num_pairs,
+            "num_tokens": batch["attention_mask"].sum(),
+            **metric_stats,
+        }
+        reduced = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats.values()]), reduce_op="sum")
+        sums = dict(zip(stats, reduced))  # name -> its sum over all ranks
         if num_items_in_batch is not None:
             # the mean over the pairs of the whole optimizer step (all micro-batches and ranks), so
             # unequal micro-batches weigh by their pairs; Lightning divides the loss by the
             # accumulation steps and DDP averages over ranks, so undo both
-            loss = (
-                loss
-                * num_pairs
-                / (sums[0] / (self.trainer.accumulate_grad_batches * self.trainer.world_size))
-            )
+            micro_batches = self.trainer.accumulate_grad_batches * self.trainer.world_size  # per step, all ranks
+            loss = loss * num_pairs / (sums["num_items_in_batch"] / micro_batches)
         # the logged metrics are weighted over the optimizer step so far (all micro-batches and
         # ranks): at its last micro-batch, the one Lightning logs, they cover the whole step
         if self._step_sums_at != self.trainer.global_step:
-            self._step_sums, self._step_sums_at = torch.zeros_like(sums[2:]), self.trainer.global_step
-        self._step_sums += sums[2:]
-        values = self._step_sums[: len(_METRICS)] / self._step_sums[len(_METRICS) :].clamp(min=1)
-        self.num_tokens += sums[1].long()
-        for name, value in zip(_METRICS, values):
+            self._step_sums = {name: torch.zeros_like(sums[name]) for name in metric_stats}
+            self._step_sums_at = self.trainer.global_step
+        for name in self._step_sums:
+            self._step_sums[name] += sums[name]
+        step = self._step_sums
+        self.num_tokens += sums["num_tokens"].long()
+        for name in _METRICS:
+            value = step[f"{name} sum"] / step[f"{name} weight"].clamp(min=1)
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"))
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
@@ -712,7 +746,7 @@ class DPOModule(L.LightningModule):
         """
         input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (2B, T)
         logits_to_keep = _logits_to_keep(completion_mask)  # K
-        forward = self._reference().forward if reference else self.forward
+        forward = find_reference_model(self.trainer, self.METHOD).forward if reference else self.forward
         logits = forward(input_ids, batch["attention_mask"], logits_to_keep=logits_to_keep)[
             :, :-1
         ]  # (2B, K-1, V)
@@ -742,14 +776,6 @@ class DPOModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
         }
 
-    def _reference(self) -> ReferenceModel:
-        found = [cb for cb in self.trainer.callbacks if isinstance(cb, ReferenceModel)]
-        if len(found) != 1:
-            raise RuntimeError(
-                f"DPOModule needs exactly one ReferenceModel callback, the Trainer has {len(found)} "
-                "(one is added by default unless reference_free=True)"
-            )
-        return found[0]
 
 
 _METRICS = (

@@ -51,6 +51,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from transformers import PreTrainedTokenizerBase
@@ -67,6 +68,7 @@ from lit_posttrain.data import (
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
 from lit_posttrain.ops import pad
+from lit_posttrain.rewards.model import tokenize_for_reward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +81,24 @@ class DataCollatorForReward:
     (float). Returns ``input_ids`` and ``attention_mask`` (2B, T): rows 0..B-1 are the chosen
     sequences, rows B..2B-1 the rejected ones in the same order; ``margin`` (B,) when the examples
     have one.
+
+    >>> collator = DataCollatorForReward(pad_token_id=0)
+    >>> batch = collator([
+    ...     {"chosen_ids": [5, 6, 7], "rejected_ids": [5, 6, 8, 9], "margin": 0.5},
+    ...     {"chosen_ids": [10, 11], "rejected_ids": [10, 12], "margin": 1.0},
+    ... ])
+    >>> batch["input_ids"]  # chosen rows, then rejected rows
+    tensor([[ 5,  6,  7,  0],
+            [10, 11,  0,  0],
+            [ 5,  6,  8,  9],
+            [10, 12,  0,  0]])
+    >>> batch["attention_mask"]
+    tensor([[1, 1, 1, 0],
+            [1, 1, 0, 0],
+            [1, 1, 1, 1],
+            [1, 1, 0, 0]])
+    >>> batch["margin"]
+    tensor([0.5000, 1.0000])
     """
 
     def __init__(self, pad_token_id: int):
@@ -99,24 +119,6 @@ class DataCollatorForReward:
 # ---------------------------------------------------------------------------------------------
 # DataModule
 # ---------------------------------------------------------------------------------------------
-def tokenize_for_reward(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], completion: str | list[dict]
-) -> list[int]:
-    """Token ids of ``prompt + completion`` as the reward model reads them.
-
-    Conversational (lists of messages): the chat template over the whole conversation. Plain text:
-    the tokenizer's own encoding of ``prompt + completion`` with EOS appended when it does not
-    already end with it (as TRL does). `RewardModelScorer` calls this too, so a trained model is
-    scored on exactly the inputs it was trained on.
-    """
-    if isinstance(completion, list):
-        return list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
-    ids = list(tokenizer(prompt + completion)["input_ids"])
-    if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 class RewardDataModule(L.LightningDataModule):
     """Load, check and tokenize preference pairs for reward modeling.
 
@@ -132,8 +134,13 @@ class RewardDataModule(L.LightningDataModule):
         batch_size: pairs per micro-batch (the forward pass sees twice as many sequences).
         max_length: pairs with a sequence longer than this many tokens are dropped (TRL's behaviour;
             truncation would cut off the end, where the reward is read); None keeps everything.
-        dataset_split: split to read from a hub dataset.
-        val_dataset_split: split to read ``val_data`` from (e.g. ``test``); default ``dataset_split``.
+        num_workers: DataLoader worker processes.
+        seed: seed of the shuffling and of the ``val_size`` split.
+        dataset_split: split to read ``train_data`` from, for a hub dataset (e.g. ``train_prefs``).
+        val_dataset_split: split to read ``val_data`` from (e.g. ``test_prefs``); default ``dataset_split``.
+        dataset_config: hub dataset configuration name (e.g. ``"main"`` for ``openai/gsm8k``).
+        columns: maps the column names reward modeling expects to the data's own, e.g.
+            ``{chosen: good, rejected: bad, margin: strength}``; unmapped columns keep their names.
     """
 
     def __init__(
@@ -148,6 +155,8 @@ class RewardDataModule(L.LightningDataModule):
         seed: int = 0,
         dataset_split: str = "train",
         val_dataset_split: str | None = None,
+        dataset_config: str | None = None,
+        columns: dict[str, str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
@@ -156,6 +165,7 @@ class RewardDataModule(L.LightningDataModule):
         self.batch_size, self.max_length = batch_size, max_length
         self.num_workers, self.seed = num_workers, seed
         self.dataset_split, self.val_dataset_split = dataset_split, val_dataset_split or dataset_split
+        self.dataset_config, self.columns = dataset_config, columns
         self.collator = DataCollatorForReward(self.tokenizer.pad_token_id)
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] | None = None
@@ -165,12 +175,13 @@ class RewardDataModule(L.LightningDataModule):
             return
         if self.train_data is None:
             raise ValueError("RewardDataModule: train_data is required (a path, hub id, list of dicts or Dataset)")
-        train = load_rows(self.train_data, split=self.dataset_split)
+        train = load_rows(self.train_data, split=self.dataset_split, name=self.dataset_config, columns=self.columns)
         source = describe_source(self.train_data)
         self._check(train, source)
         val, val_source = None, None
         if self.val_data is not None:
-            val, val_source = load_rows(self.val_data, split=self.val_dataset_split), describe_source(self.val_data)
+            val = load_rows(self.val_data, split=self.val_dataset_split, name=self.dataset_config, columns=self.columns)
+            val_source = describe_source(self.val_data)
             self._check(val, val_source)
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
@@ -380,14 +391,14 @@ class RewardModule(L.LightningModule):
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_mean_reward, self.val_min_reward, self.val_max_reward = MeanMetric(), MinMetric(), MaxMetric()
-        self._step_sums, self._step_sums_at = None, -1  # training metric sums of the current optimizer step
+        self._step_sums: dict[str, torch.Tensor] = {}  # training metric sums of the current optimizer step
+        self._step_maxima: dict[str, torch.Tensor] = {}  # ... its maxima (of max_reward and -min_reward)
+        self._step_sums_at = -1  # ... and the global step they belong to
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
-
         mesh = self.device_mesh["data_parallel"]
         for layer in decoder_layers(self.model):
             fully_shard(layer, mesh=mesh)
@@ -401,48 +412,58 @@ class RewardModule(L.LightningModule):
         rewards = self(batch["input_ids"], batch["attention_mask"])  # (2B,)
         chosen_rewards, rejected_rewards = rewards.chunk(2)  # (B,), (B,)
         num_pairs = chosen_rewards.new_tensor(chosen_rewards.numel())
-        batch_loss, metrics = reward_loss(
-            chosen_rewards.detach(),
-            rejected_rewards.detach(),
-            margin=batch.get("margin"),
-            center_rewards_coefficient=self.center_rewards_coefficient,
-        )
-        num_items_in_batch = batch.get("num_items_in_batch")
-        # one collective for the sums (the loss normaliser, pair-weighted metric sums, tokens) and
-        # one for the extremes, over all ranks
-        stats = [num_items_in_batch if num_items_in_batch is not None else num_pairs, num_pairs]
-        stats += [batch_loss * num_pairs]
-        stats += [metrics[name] * num_pairs for name in ("accuracy", "margin", "mean_reward")]
-        stats += [batch["attention_mask"].sum()]
-        sums = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats]), reduce_op="sum")
-        extremes = torch.stack([metrics["max_reward"], -metrics["min_reward"]])
-        extremes = self.trainer.strategy.reduce(extremes, reduce_op="max")
-        if num_items_in_batch is not None:
-            # pairs of the whole optimizer step, all ranks; Lightning divides the loss by the
-            # accumulation steps and DDP averages over ranks, so undo both to get sum / pairs
-            num_items_in_batch = sums[0] / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
-        loss, _ = reward_loss(
+        # the sum of the per-pair losses (normalised by 1); divided below by the step's pairs
+        loss_sum, metrics = reward_loss(
             chosen_rewards,
             rejected_rewards,
             margin=batch.get("margin"),
             center_rewards_coefficient=self.center_rewards_coefficient,
-            num_items_in_batch=num_items_in_batch,
+            num_items_in_batch=1,
         )
+        num_items_in_batch = batch.get("num_items_in_batch")
+        # one collective for the sums (the loss normaliser, pair-weighted metric sums, tokens) and
+        # one for the extremes, over all ranks
+        stats = {
+            "num_items_in_batch": num_items_in_batch if num_items_in_batch is not None else num_pairs,
+            "num_pairs": num_pairs,
+            "loss": loss_sum.detach(),
+            "accuracy": metrics["accuracy"] * num_pairs,
+            "margin": metrics["margin"] * num_pairs,
+            "mean_reward": metrics["mean_reward"] * num_pairs,
+            "num_tokens": batch["attention_mask"].sum(),
+        }
+        reduced = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats.values()]), reduce_op="sum")
+        sums = dict(zip(stats, reduced))  # name -> its sum over all ranks
+        extremes = {"max_reward": metrics["max_reward"], "negative_min_reward": -metrics["min_reward"]}
+        reduced = self.trainer.strategy.reduce(torch.stack(list(extremes.values())), reduce_op="max")
+        maxima = dict(zip(extremes, reduced))  # name -> its maximum over all ranks
+        if num_items_in_batch is not None:
+            # pairs of the whole optimizer step, all ranks; Lightning divides the loss by the
+            # accumulation steps and DDP averages over ranks, so undo both to get sum / pairs
+            micro_batches = self.trainer.accumulate_grad_batches * self.trainer.world_size  # per step, all ranks
+            num_items_in_batch = sums["num_items_in_batch"] / micro_batches
+        else:  # no DataModule look-ahead: this micro-batch's own pairs
+            num_items_in_batch = num_pairs
+        loss = loss_sum / num_items_in_batch
         # the logged metrics are pair-weighted over the optimizer step so far (all micro-batches
         # and ranks): at its last micro-batch, the one Lightning logs, they cover the whole step
         if self._step_sums_at != self.trainer.global_step:
-            self._step_sums = torch.cat([torch.zeros_like(sums[1:6]), extremes.new_full((2,), -float("inf"))])
+            names = ("num_pairs", "loss", "accuracy", "margin", "mean_reward")
+            self._step_sums = {name: torch.zeros_like(sums[name]) for name in names}
+            self._step_maxima = {name: torch.full_like(maxima[name], -float("inf")) for name in maxima}
             self._step_sums_at = self.trainer.global_step
-        self._step_sums[:5] += sums[1:6]
-        self._step_sums[5:] = torch.maximum(self._step_sums[5:], extremes)
-        n, loss_sum, accuracy_sum, margin_sum, reward_sum, max_reward, negative_min_reward = self._step_sums
-        self.num_tokens += sums[6].long()
-        self.log("train/loss", loss_sum / n, prog_bar=True)
-        self.log("train/accuracy", accuracy_sum / n, prog_bar=True)
-        self.log("train/margin", margin_sum / n)
-        self.log("train/mean_reward", reward_sum / n)
-        self.log("train/min_reward", -negative_min_reward)
-        self.log("train/max_reward", max_reward)
+        for name in self._step_sums:
+            self._step_sums[name] += sums[name]
+        for name in self._step_maxima:
+            self._step_maxima[name] = torch.maximum(self._step_maxima[name], maxima[name])
+        step, n = self._step_sums, self._step_sums["num_pairs"]
+        self.num_tokens += sums["num_tokens"].long()
+        self.log("train/loss", step["loss"] / n, prog_bar=True)
+        self.log("train/accuracy", step["accuracy"] / n, prog_bar=True)
+        self.log("train/margin", step["margin"] / n)
+        self.log("train/mean_reward", step["mean_reward"] / n)
+        self.log("train/min_reward", -self._step_maxima["negative_min_reward"])
+        self.log("train/max_reward", self._step_maxima["max_reward"])
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
 

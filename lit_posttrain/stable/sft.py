@@ -39,6 +39,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
@@ -70,6 +71,35 @@ class DataCollatorForLanguageModeling:
     (and for the padding tail): transformers then builds a block-diagonal causal mask from them, so
     no token attends across documents. A sequence's first token has label -100: nothing before it
     in that sequence predicts it.
+
+    >>> collator = DataCollatorForLanguageModeling(pad_token_id=0)
+    >>> batch = collator([
+    ...     {"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1], "seq_lengths": [4]},
+    ...     {"input_ids": [9, 10], "completion_mask": [1, 1], "seq_lengths": [2]},
+    ... ])
+    >>> batch["input_ids"]
+    tensor([[ 5,  6,  7,  8],
+            [ 9, 10,  0,  0]])
+    >>> batch["labels"]
+    tensor([[-100, -100,    7,    8],
+            [-100,   10, -100, -100]])
+    >>> batch["attention_mask"]
+    tensor([[1, 1, 1, 1],
+            [1, 1, 0, 0]])
+
+    Packed: the first row holds two sequences (3 and 2 tokens).
+
+    >>> collator = DataCollatorForLanguageModeling(pad_token_id=0, packed=True)
+    >>> batch = collator([
+    ...     {"input_ids": [5, 6, 7, 8, 9], "completion_mask": [0, 1, 1, 1, 1], "seq_lengths": [3, 2]},
+    ...     {"input_ids": [10, 11], "completion_mask": [1, 1], "seq_lengths": [2]},
+    ... ])
+    >>> batch["position_ids"]
+    tensor([[0, 1, 2, 0, 1],
+            [0, 1, 0, 1, 2]])
+    >>> batch["labels"]
+    tensor([[-100,    6,    7, -100,    9],
+            [-100,   11, -100, -100, -100]])
     """
 
     def __init__(self, pad_token_id: int, packed: bool = False):
@@ -136,7 +166,13 @@ class SFTDataModule(L.LightningDataModule):
         completion_only_loss: for prompt-completion data, take the loss on completion tokens only.
         assistant_only_loss: for conversations, take the loss on assistant tokens only (needs a chat
             template with ``{% generation %}`` markers).
-        dataset_split: split to read from a hub dataset.
+        num_workers: DataLoader worker processes.
+        seed: seed of the shuffling and of the ``val_size`` split.
+        dataset_split: split to read ``train_data`` from, for a hub dataset.
+        val_dataset_split: split to read ``val_data`` from (e.g. ``test``); default ``dataset_split``.
+        dataset_config: hub dataset configuration name (e.g. ``"main"`` for ``openai/gsm8k``).
+        columns: maps the column names SFT expects to the data's own, e.g.
+            ``{prompt: question, completion: answer}``; unmapped columns keep their names.
     """
 
     def __init__(
@@ -153,6 +189,9 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         dataset_split: str = "train",
+        val_dataset_split: str | None = None,
+        dataset_config: str | None = None,
+        columns: dict[str, str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
@@ -160,7 +199,9 @@ class SFTDataModule(L.LightningDataModule):
         self.train_data, self.val_data = train_data, val_data
         self.batch_size, self.max_length, self.packing = batch_size, max_length, packing
         self.completion_only_loss, self.assistant_only_loss = completion_only_loss, assistant_only_loss
-        self.val_size, self.num_workers, self.seed, self.dataset_split = val_size, num_workers, seed, dataset_split
+        self.val_size, self.num_workers, self.seed = val_size, num_workers, seed
+        self.dataset_split, self.val_dataset_split = dataset_split, val_dataset_split or dataset_split
+        self.dataset_config, self.columns = dataset_config, columns
         self.collator = DataCollatorForLanguageModeling(self.tokenizer.pad_token_id, packed=packing is not None)
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] | None = None
@@ -170,12 +211,13 @@ class SFTDataModule(L.LightningDataModule):
             return
         if self.train_data is None:
             raise ValueError("SFTDataModule: train_data is required (a path, hub id, list of dicts or Dataset)")
-        train = load_rows(self.train_data, split=self.dataset_split)
+        train = load_rows(self.train_data, split=self.dataset_split, name=self.dataset_config, columns=self.columns)
         source = describe_source(self.train_data)
         self._check(train, source)
         val, val_source = None, None
         if self.val_data is not None:
-            val, val_source = load_rows(self.val_data, split=self.dataset_split), describe_source(self.val_data)
+            val = load_rows(self.val_data, split=self.val_dataset_split, name=self.dataset_config, columns=self.columns)
+            val_source = describe_source(self.val_data)
             self._check(val, val_source)
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
@@ -392,14 +434,13 @@ class SFTModule(L.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))  # input tokens trained on, all ranks
         self.val_loss, self.val_accuracy, self.val_entropy = MeanMetric(), MeanMetric(), MeanMetric()
-        self._step_sums, self._step_sums_at = None, -1  # training metric sums of the current optimizer step
+        self._step_sums: dict[str, torch.Tensor] = {}  # training metric sums of the current optimizer step
+        self._step_sums_at = -1  # ... and the global step they belong to
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
-
         mesh = self.device_mesh["data_parallel"]
         for layer in decoder_layers(self.model):
             fully_shard(layer, mesh=mesh)
@@ -422,32 +463,46 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         per_token_logps, loss_mask, num_targets, correct, entropy = self._shared_step(batch)
-        # the per-token losses' sum (normalised by 1)
-        token_loss_sum = sft_loss(
-            per_token_logps.detach(), loss_mask, loss_type=self.loss_type, num_items_in_batch=1
-        )
-        local_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(batch["input_ids"].numel())
+        # the sum of the per-token losses (normalised by 1); divided below by the step's target tokens
+        loss_sum = sft_loss(per_token_logps, loss_mask, loss_type=self.loss_type, num_items_in_batch=1)
         num_items_in_batch = batch.get("num_items_in_batch")
+        if "attention_mask" in batch:
+            local_tokens = batch["attention_mask"].sum()
+        else:  # packed rows have no padding mask: every position counts
+            local_tokens = batch["input_ids"].new_tensor(batch["input_ids"].numel())
         # one collective: this micro-batch's counts and metric sums, summed over all ranks
-        stats = [num_items_in_batch if num_items_in_batch is not None else num_targets]
-        stats += [token_loss_sum, num_targets, correct, entropy, local_tokens]
-        sums = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats]), reduce_op="sum")
+        stats = {
+            "num_items_in_batch": num_items_in_batch if num_items_in_batch is not None else num_targets,
+            "loss": loss_sum.detach(),
+            "num_targets": num_targets,
+            "correct": correct,
+            "entropy": entropy,
+            "num_tokens": local_tokens,
+        }
+        reduced = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats.values()]), reduce_op="sum")
+        sums = dict(zip(stats, reduced))  # name -> its sum over all ranks
         if num_items_in_batch is not None:
             # tokens of the whole optimizer step, all ranks; Lightning divides the loss by the
             # accumulation steps and DDP averages over ranks, so undo both to get sum / tokens
-            num_items_in_batch = sums[0] / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
-        loss = sft_loss(per_token_logps, loss_mask, loss_type=self.loss_type, num_items_in_batch=num_items_in_batch)
+            micro_batches = self.trainer.accumulate_grad_batches * self.trainer.world_size  # per step, all ranks
+            num_items_in_batch = sums["num_items_in_batch"] / micro_batches
+        else:  # no DataModule look-ahead: this micro-batch's own target tokens
+            num_items_in_batch = num_targets.clamp(min=1)
+        loss = loss_sum / num_items_in_batch
         # the logged metrics are token-weighted over the optimizer step so far (all micro-batches
         # and ranks): at its last micro-batch, the one Lightning logs, they cover the whole step
         if self._step_sums_at != self.trainer.global_step:
-            self._step_sums, self._step_sums_at = torch.zeros_like(sums[1:5]), self.trainer.global_step
-        self._step_sums += sums[1:5]
-        loss_sum, n, correct_sum, entropy_sum = self._step_sums
-        n = n.clamp(min=1)
-        self.num_tokens += sums[5].long()
-        self.log("train/loss", loss_sum / n, prog_bar=True)
-        self.log("train/mean_token_accuracy", correct_sum / n)
-        self.log("train/entropy", entropy_sum / n)
+            names = ("loss", "num_targets", "correct", "entropy")
+            self._step_sums = {name: torch.zeros_like(sums[name]) for name in names}
+            self._step_sums_at = self.trainer.global_step
+        for name in self._step_sums:
+            self._step_sums[name] += sums[name]
+        step = self._step_sums
+        n = step["num_targets"].clamp(min=1)
+        self.num_tokens += sums["num_tokens"].long()
+        self.log("train/loss", step["loss"] / n, prog_bar=True)
+        self.log("train/mean_token_accuracy", step["correct"] / n)
+        self.log("train/entropy", step["entropy"] / n)
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
 

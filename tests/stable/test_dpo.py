@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from lit_posttrain import DataCollatorForPreference, DPODataModule, DPOModule, dpo_loss
 from lit_posttrain.callbacks import LearningSignal, ReferenceModel
-from lit_posttrain.data import DataFormatError
+from lit_posttrain.data import DataFormatError, load_rows
+from lit_posttrain.stable import dpo
 from lit_posttrain.stable.dpo import LOSS_TYPES
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "preference"
@@ -353,6 +354,43 @@ def test_tokenization_plain_and_conversational(tiny_tokenizer):
     dm = DPODataModule(tiny_tokenizer, train_data=explicit)
     dm.setup()
     assert dm.examples["train"] == [example]
+
+
+def test_columns_and_splits_reach_load_rows(tiny_tokenizer, monkeypatch):
+    """`columns` renames the data's columns to the expected ones; both splits and dataset_config reach load_rows."""
+    calls = []
+
+    def recording_load_rows(source, **kwargs):
+        calls.append(kwargs)
+        return load_rows(source, **kwargs)
+
+    monkeypatch.setattr(dpo, "load_rows", recording_load_rows)
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    renamed = DPODataModule(
+        tiny_tokenizer,
+        train_data=[{"question": "1+2=", "good": "3", "bad": "4"}],
+        val_data=[{"question": "2+2=", "good": "4", "bad": "5"}],
+        dataset_split="train_prefs",
+        val_dataset_split="test_prefs",
+        dataset_config="main",
+        columns=columns,
+    )
+    renamed.setup()
+    expected = DPODataModule(
+        tiny_tokenizer,
+        train_data=[{"prompt": "1+2=", "chosen": "3", "rejected": "4"}],
+        val_data=[{"prompt": "2+2=", "chosen": "4", "rejected": "5"}],
+    )
+    expected.setup()
+    assert renamed.examples == expected.examples and set(renamed.examples) == {"train", "val"}
+    assert calls[:2] == [
+        {"split": "train_prefs", "name": "main", "columns": columns},
+        {"split": "test_prefs", "name": "main", "columns": columns},
+    ]
+    calls.clear()
+    row = {"prompt": "1+2=", "chosen": "3", "rejected": "4"}
+    DPODataModule(tiny_tokenizer, train_data=[row], val_data=[row], dataset_split="x").setup()
+    assert [call["split"] for call in calls] == ["x", "x"]  # val_dataset_split defaults to dataset_split
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lit_posttrain import RewardDataModule, RewardModule, reward_loss
 from lit_posttrain.callbacks import HubExport, LearningSignal
-from lit_posttrain.data import DataFormatError
+from lit_posttrain.data import DataFormatError, load_rows
 from lit_posttrain.models import LoRAConfig
-from lit_posttrain.rewards.model import RewardModelScorer
-from lit_posttrain.stable.reward import DataCollatorForReward, tokenize_for_reward
+from lit_posttrain.rewards.model import RewardModelScorer, tokenize_for_reward
+from lit_posttrain.stable import reward
+from lit_posttrain.stable.reward import DataCollatorForReward
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "preference"
 
@@ -138,6 +139,40 @@ def test_conversational_implicit_prompt(tiny_tokenizer):
     assert implicit.train_examples == explicit.train_examples
     assert tokenize_for_reward(tiny_tokenizer, [user], [rejected]) == implicit.train_examples[0]["rejected_ids"]
     assert expected[-2:] == [3, tiny_tokenizer.convert_tokens_to_ids("\n")]  # ends "<|im_end|>\n"
+
+
+def test_columns_and_splits_reach_load_rows(tiny_tokenizer, monkeypatch):
+    """`columns` renames the data's columns to the expected ones; both splits and dataset_config reach load_rows."""
+    calls = []
+
+    def recording_load_rows(source, **kwargs):
+        calls.append(kwargs)
+        return load_rows(source, **kwargs)
+
+    monkeypatch.setattr(reward, "load_rows", recording_load_rows)
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad", "margin": "strength"}
+    renamed = RewardDataModule(
+        tiny_tokenizer,
+        train_data=[{"question": "1+2=", "good": "3", "bad": "45", "strength": 2.0}],
+        val_data=[{"question": "9=", "good": "9", "bad": "8", "strength": 1.0}],
+        dataset_split="train_prefs",
+        val_dataset_split="test_prefs",
+        dataset_config="main",
+        columns=columns,
+    )
+    renamed.setup("fit")
+    assert renamed.train_examples == [
+        {"chosen_ids": [5, 76, 6, 84, 7, 1], "rejected_ids": [5, 76, 6, 84, 8, 9, 1], "margin": 2.0}
+    ]
+    assert renamed.val_examples == [{"chosen_ids": [13, 84, 13, 1], "rejected_ids": [13, 84, 12, 1], "margin": 1.0}]
+    assert calls[:2] == [
+        {"split": "train_prefs", "name": "main", "columns": columns},
+        {"split": "test_prefs", "name": "main", "columns": columns},
+    ]
+    calls.clear()
+    row = {"chosen": "3", "rejected": "4"}
+    RewardDataModule(tiny_tokenizer, train_data=[row], val_data=[row], dataset_split="x").setup("fit")
+    assert [call["split"] for call in calls] == ["x", "x"]  # val_dataset_split defaults to dataset_split
 
 
 def test_max_length_drops_pairs(tiny_tokenizer):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lit_posttrain import DataCollatorForLanguageModeling, SFTDataModule, SFTModule, sft_loss
-from lit_posttrain.data import DataFormatError
+from lit_posttrain.data import DataFormatError, load_rows
+from lit_posttrain.stable import sft
 from lit_posttrain.stable.sft import pack_bfd
 
 
@@ -121,9 +122,46 @@ def test_untrained_end_of_turn_warns(tiny_tokenizer):
 
 
 def test_max_length_truncation_keeps_start(tiny_tokenizer):
+    """A sequence longer than max_length keeps its first max_length tokens."""
     dm = SFTDataModule(tiny_tokenizer, train_data=[{"text": "abcdefgh"}], max_length=4)
     dm.setup()
     assert tiny_tokenizer.decode(dm.train_examples[0]["input_ids"]) == "abcd"
+
+
+def test_columns_and_splits_reach_load_rows(tiny_tokenizer, monkeypatch):
+    """`columns` renames the data's columns to the expected ones; both splits and dataset_config reach load_rows."""
+    calls = []
+
+    def recording_load_rows(source, **kwargs):
+        calls.append(kwargs)
+        return load_rows(source, **kwargs)
+
+    monkeypatch.setattr(sft, "load_rows", recording_load_rows)
+    columns = {"prompt": "question", "completion": "answer"}
+    renamed = SFTDataModule(
+        tiny_tokenizer,
+        train_data=[{"question": "1+2=", "answer": "3"}],
+        val_data=[{"question": "2+2=", "answer": "4"}],
+        dataset_split="train_sft",
+        val_dataset_split="test_sft",
+        dataset_config="main",
+        columns=columns,
+    )
+    renamed.setup()
+    expected = SFTDataModule(
+        tiny_tokenizer,
+        train_data=[{"prompt": "1+2=", "completion": "3"}],
+        val_data=[{"prompt": "2+2=", "completion": "4"}],
+    )
+    expected.setup()
+    assert renamed.train_examples == expected.train_examples and renamed.val_examples == expected.val_examples
+    assert calls[:2] == [
+        {"split": "train_sft", "name": "main", "columns": columns},
+        {"split": "test_sft", "name": "main", "columns": columns},
+    ]
+    calls.clear()
+    SFTDataModule(tiny_tokenizer, train_data=[{"text": "a"}], val_data=[{"text": "b"}], dataset_split="x").setup()
+    assert [call["split"] for call in calls] == ["x", "x"]  # val_dataset_split defaults to dataset_split
 
 
 # ------------------------------------------------------------------------------ packing = unpacked
@@ -203,6 +241,7 @@ def test_malformed_row_names_file_row_and_column(tmp_path, tiny_tokenizer):
 
 
 def test_bad_messages_and_missing_columns(tiny_tokenizer):
+    """An unknown role names its row, column and message; data without an SFT column lists the columns found."""
     dm = SFTDataModule(tiny_tokenizer, train_data=[{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "bot", "content": "x"}]}])
     with pytest.raises(DataFormatError, match=r"row 1, column 'messages', message 0: role must be one of"):
         dm.setup()
@@ -212,6 +251,7 @@ def test_bad_messages_and_missing_columns(tiny_tokenizer):
 
 
 def test_missing_file_is_named(tiny_tokenizer):
+    """A train_data path that does not exist raises FileNotFoundError naming the path."""
     dm = SFTDataModule(tiny_tokenizer, train_data="data/nope.jsonl")
     with pytest.raises(FileNotFoundError, match="data/nope.jsonl"):
         dm.setup()
