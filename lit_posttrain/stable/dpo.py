@@ -777,7 +777,6 @@ class DPOModule(L.LightningModule):
         }
 
 
-
 _METRICS = (
     "loss",
     "rewards/chosen",
