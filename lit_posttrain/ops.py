@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
@@ -79,3 +80,14 @@ def pad(sequences: list[torch.Tensor], padding_value: float = 0, padding_side: s
         else:
             out[i, max_len - seq.size(0) :] = seq
     return out
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """The total L2 norm of the parameters' gradients (what ``clip_grad_norm_`` measures before
+    clipping); sharded (DTensor, FSDP2) gradients give the norm of the full gradient, which makes
+    this a collective under FSDP2: call it on every rank. 0 when no parameter has a gradient."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -60,3 +60,13 @@ def test_pad_left_and_right():
     assert pad(seqs, 9, padding_side="left").tolist() == [[1, 2, 3], [9, 9, 4]]
     with pytest.raises(ValueError, match="padding_side"):
         pad(seqs, 0, padding_side="middle")
+
+
+def test_grad_norm_matches_the_norm_of_all_gradients():
+    """grad_norm is the L2 norm of every gradient flattened together, as clip_grad_norm_ reports it."""
+    from lit_posttrain.ops import grad_norm
+
+    a, b, frozen = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    assert grad_norm([a, b, frozen]).item() == pytest.approx(5.0)  # sqrt(3^2 + 4^2)
+    assert grad_norm([frozen]).item() == 0.0

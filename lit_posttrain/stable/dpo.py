@@ -71,7 +71,8 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, masked_sum, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, grad_norm, masked_sum, pad, selective_log_softmax
+from lit_posttrain.schedulers import WarmupDecayLR
 
 LossType = Literal[
     "sigmoid",
@@ -586,11 +587,8 @@ class DPOModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            disable_dropout=disable_dropout,
         )
-        if disable_dropout:
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
         self.tokenizer = load_tokenizer(
             tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code
         )
@@ -771,10 +769,15 @@ class DPOModule(L.LightningModule):
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler is None:
             return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
-        }
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
+            scheduler.set_num_training_steps(self.trainer.estimated_stepping_batches)  # the run's optimizer steps
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
+        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
 
 
 _METRICS = (

@@ -67,8 +67,9 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import pad
+from lit_posttrain.ops import grad_norm, pad
 from lit_posttrain.rewards.model import tokenize_for_reward
+from lit_posttrain.schedulers import WarmupDecayLR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +339,8 @@ class RewardModule(L.LightningModule):
             ``modules_to_save``: the head starts random, so it must be trained in full.
         center_rewards_coefficient: weight of the reward-centering term (TRL name; 0.01 is the
             value Eisenstein et al. suggest); None to leave it out.
+        disable_dropout: set every dropout probability in the model to 0 (TRL's ``RewardConfig``
+            default), so the chosen and rejected scores come from the same network.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
             The default learning rate 1e-4 is TRL's ``RewardConfig`` default.
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
@@ -360,6 +363,7 @@ class RewardModule(L.LightningModule):
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
         center_rewards_coefficient: float | None = None,
+        disable_dropout: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-4),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -383,6 +387,7 @@ class RewardModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            disable_dropout=disable_dropout,
         )
         self.center_rewards_coefficient = center_rewards_coefficient
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
@@ -497,4 +502,12 @@ class RewardModule(L.LightningModule):
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
+            scheduler.set_num_training_steps(self.trainer.estimated_stepping_batches)  # the run's optimizer steps
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
+        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))

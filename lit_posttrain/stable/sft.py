@@ -54,7 +54,8 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, grad_norm, pad, selective_log_softmax
+from lit_posttrain.schedulers import WarmupDecayLR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +166,8 @@ class SFTDataModule(L.LightningDataModule):
             crosses documents) or None.
         completion_only_loss: for prompt-completion data, take the loss on completion tokens only.
         assistant_only_loss: for conversations, take the loss on assistant tokens only (needs a chat
-            template with ``{% generation %}`` markers).
+            template with ``{% generation %}`` markers; Qwen2.5's and Llama 3's have none). Off by
+            default, as in TRL: the loss covers the whole conversation.
         num_workers: DataLoader worker processes.
         seed: seed of the shuffling and of the ``val_size`` split.
         dataset_split: split to read ``train_data`` from, for a hub dataset.
@@ -185,7 +187,7 @@ class SFTDataModule(L.LightningDataModule):
         max_length: int = 1024,
         packing: Literal["bfd", "wrapped"] | None = None,
         completion_only_loss: bool = True,
-        assistant_only_loss: bool = True,
+        assistant_only_loss: bool = False,
         num_workers: int = 0,
         seed: int = 0,
         dataset_split: str = "train",
@@ -521,5 +523,12 @@ class SFTModule(L.LightningModule):
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
+            scheduler.set_num_training_steps(self.trainer.estimated_stepping_batches)  # the run's optimizer steps
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
+        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))

@@ -101,11 +101,26 @@ def test_completion_only_mask_plain(tiny_tokenizer):
 def test_assistant_only_mask_conversation(tiny_tokenizer):
     """Conversations: loss on assistant content and its end-of-turn token, nothing else."""
     messages = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"}]
-    dm = SFTDataModule(tiny_tokenizer, train_data=[{"messages": messages}], batch_size=1)
+    dm = SFTDataModule(tiny_tokenizer, train_data=[{"messages": messages}], batch_size=1, assistant_only_loss=True)
     dm.setup()
     example = dm.train_examples[0]
     trained = [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m]
     assert tiny_tokenizer.decode(trained) == "3<|im_end|>"
+
+
+def test_whole_conversation_trains_by_default(tiny_tokenizer):
+    """assistant_only_loss is off by default (TRL's default): every token of a conversation takes the loss,
+    so chat templates without {% generation %} markers (Qwen2.5, Llama 3) work out of the box."""
+    messages = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"}]
+    template_without_markers = tiny_tokenizer.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
+    tokenizer = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.chat_template = template_without_markers
+    dm = SFTDataModule(tokenizer, train_data=[{"messages": messages}], batch_size=1)
+    dm.setup()
+    example = dm.train_examples[0]
+    assert all(example["completion_mask"]) and len(example["input_ids"]) > len("3<|im_end|>")
 
 
 def test_untrained_end_of_turn_warns(tiny_tokenizer):
@@ -116,7 +131,7 @@ def test_untrained_end_of_turn_warns(tiny_tokenizer):
         "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}",
     )
     messages = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"}]
-    dm = SFTDataModule(tokenizer, train_data=[{"messages": messages}], batch_size=1)
+    dm = SFTDataModule(tokenizer, train_data=[{"messages": messages}], batch_size=1, assistant_only_loss=True)
     with pytest.warns(UserWarning, match="end-of-turn token is not trained"):
         dm.setup()
 
