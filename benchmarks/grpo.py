@@ -152,7 +152,7 @@ def run(args, model_dir: Path) -> dict:
         for _ in range(args.batch_size * (args.steps + args.warmup))
     ]
     datamodule = GRPODataModule(
-        str(model_dir), rows, batch_size=args.batch_size, max_length=args.prompt_length
+        str(model_dir), rows, batch_size=args.batch_size, max_prompt_length=args.prompt_length
     )
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(

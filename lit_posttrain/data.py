@@ -239,7 +239,12 @@ class LookaheadLoader:
     the accumulation setting. This iterable reads ``accumulate_grad_batches`` micro-batches ahead
     and attaches ``num_items_in_batch`` (this rank's count over the window, a 0-d tensor) to each;
     the module sums it over ranks. Windows start at the beginning of each epoch, as Lightning's
-    accumulation does.
+    accumulation does. ``window_columns`` (optional) maps a window's micro-batches to extra entries
+    attached to each of them, for a loss that needs the whole step before its first backward (KTO's
+    KL reference point over the mismatched rows of every micro-batch of the step).
+
+    ``count_items=None``: no ``num_items_in_batch`` (methods that count their normaliser after
+    generation, like GRPO; they still get the seeded shuffling and the exact mid-epoch resume).
 
     Shuffling is seeded by ``seed + epoch`` (Lightning's epoch when a trainer is attached), with a
     `DistributedSampler` when the trainer runs several processes. It is stateful: Lightning saves
@@ -253,15 +258,17 @@ class LookaheadLoader:
         *,
         batch_size: int,
         collate_fn,
-        count_items,
+        count_items=None,
         accumulate_grad_batches: int = 1,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
         num_workers: int = 0,
         trainer=None,
+        window_columns=None,
     ):
         self.examples, self.batch_size, self.collate_fn = examples, batch_size, collate_fn
+        self.window_columns = window_columns
         self.count_items, self.accumulate_grad_batches = count_items, accumulate_grad_batches
         self.shuffle, self.seed, self.drop_last, self.num_workers = shuffle, seed, drop_last, num_workers
         self.trainer = trainer
@@ -309,12 +316,15 @@ class LookaheadLoader:
                     break
             if not window:
                 break
-            total = torch.tensor(sum(self.count_items(batch) for batch in window))
+            total = torch.tensor(sum(self.count_items(b) for b in window)) if self.count_items else None
+            extra = self.window_columns(window) if self.window_columns is not None else {}
             for batch in window:
                 self._yielded += 1
                 if self._yielded <= skip:
                     continue
-                batch["num_items_in_batch"] = total
+                if total is not None:
+                    batch["num_items_in_batch"] = total
+                batch.update(extra)
                 yield batch
         self._epoch = epoch + 1
 

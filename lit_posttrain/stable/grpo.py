@@ -32,7 +32,7 @@ Training loop (manual optimization; one ``training_step`` = one generation batch
 
     batch = data.batch_size prompts                             # from GRPODataModule
     rollout = self.rollout.generate(self.model, prompt_ids, num_generations=G, ...)   # B*G completions
-    rewards -> advantages; old and reference log-probs (no grad, only when needed)
+    rewards; old and reference log-probs (no grad, only when needed); rewards -> advantages
     for iteration in range(num_iterations):                    # mu in the paper
         for mini-batch in B*G completions split into steps_per_generation parts (shuffled if > 1):
             for micro-batch of micro_batch_size completions:  # gradient accumulation
@@ -70,6 +70,7 @@ Assumes: a tokenizer with a pad token; reward functions that accept ``**kwargs``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -77,10 +78,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import fully_shard
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from lit_posttrain.callbacks.reference_model import ReferenceModel
+from lit_posttrain.callbacks.reference_model import ReferenceModel, find_reference_model
 from lit_posttrain.data import (
     DatasetSource,
     LookaheadLoader,
@@ -105,6 +107,18 @@ class DataCollatorForPrompts:
     Each example has ``prompt_ids`` (list[int]), ``prompt`` (the prompt as in the dataset, a string
     or messages) and any other dataset columns. The batch is ``{"prompt_ids": list[list[int]],
     "prompt": list, "columns": {column: list}}``.
+
+    >>> collator = DataCollatorForPrompts()
+    >>> batch = collator([
+    ...     {"prompt_ids": [5, 6, 7], "prompt": "2+2=", "answer": "4"},
+    ...     {"prompt_ids": [8], "prompt": "3+3=", "answer": "6"},
+    ... ])
+    >>> batch["prompt_ids"]  # unpadded
+    [[5, 6, 7], [8]]
+    >>> batch["prompt"]
+    ['2+2=', '3+3=']
+    >>> batch["columns"]  # every other column, for the reward functions
+    {'answer': ['4', '6']}
     """
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -137,12 +151,17 @@ class GRPODataModule(L.LightningDataModule):
         batch_size: prompts per generation batch (each is sampled ``num_generations`` times, so a
             training step works on ``batch_size * num_generations`` completions). The last
             incomplete batch of an epoch is dropped.
-        max_length: prompt tokens kept (TRL's ``max_prompt_length``); longer prompts keep their end.
+        max_prompt_length: prompt tokens kept (TRL's name); longer prompts keep their end. None: all.
         dataset_split: split to read from a hub dataset.
+        val_dataset_split: split to read ``val_data`` from (e.g. ``test``); default ``dataset_split``.
         dataset_config: hub dataset configuration name (e.g. ``"main"`` for ``openai/gsm8k``).
-        prompt_column: column holding the prompt when it is not ``prompt`` (e.g. ``question``).
+        columns: maps the expected column names to the data's (``{prompt: question}``: the data's
+            ``question`` column is the prompt).
         system_prompt: when set, each prompt becomes a conversation that starts with this system
             message (a plain prompt becomes the user message).
+        max_length: deprecated alias of ``max_prompt_length`` (removed in 0.3). ``max_length: null``
+            now means "not given": keep whole prompts with ``max_prompt_length: null``.
+        prompt_column: deprecated (removed in 0.3): ``columns: {prompt: <prompt_column>}``.
     """
 
     def __init__(
@@ -152,26 +171,52 @@ class GRPODataModule(L.LightningDataModule):
         val_data: DatasetSource | None = None,
         val_size: float = 0.0,
         batch_size: int = 8,
-        max_length: int | None = 512,
+        max_prompt_length: int | None = 512,
         num_workers: int = 0,
         seed: int = 0,
         dataset_split: str = "train",
+        val_dataset_split: str | None = None,
         dataset_config: str | None = None,
-        prompt_column: str = "prompt",
+        columns: dict[str, str] | None = None,
         system_prompt: str | None = None,
+        max_length: int | None = None,
+        prompt_column: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
+        if max_length is not None:  # deprecated: here it counted prompt tokens, elsewhere whole sequences
+            if max_prompt_length != 512:
+                raise ValueError(
+                    f"GRPODataModule: give max_prompt_length ({max_prompt_length}) or its deprecated alias "
+                    f"max_length ({max_length}), not both"
+                )
+            warnings.warn(
+                "GRPODataModule: max_length is deprecated and will be removed in 0.3: use "
+                "max_prompt_length (the prompt tokens kept; max_length means the whole sequence in SFT, "
+                "DPO and reward modeling)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            max_prompt_length = max_length
+        if prompt_column is not None:  # deprecated in 0.2 for the columns mapping every DataModule takes
+            if columns is not None and "prompt" in columns:
+                raise ValueError(
+                    f"GRPODataModule: give columns ({columns}) or the deprecated prompt_column "
+                    f"({prompt_column!r}), not both"
+                )
+            warnings.warn(
+                "GRPODataModule: prompt_column is deprecated and will be removed in 0.3: use "
+                f"columns: {{prompt: {prompt_column}}}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            columns = {**(columns or {}), "prompt": prompt_column}
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
-        self.batch_size, self.max_length, self.num_workers, self.seed = (
-            batch_size,
-            max_length,
-            num_workers,
-            seed,
-        )
-        self.dataset_split, self.dataset_config = dataset_split, dataset_config
-        self.prompt_column, self.system_prompt = prompt_column, system_prompt
+        self.batch_size, self.max_prompt_length = batch_size, max_prompt_length
+        self.num_workers, self.seed = num_workers, seed
+        self.dataset_split, self.val_dataset_split = dataset_split, val_dataset_split or dataset_split
+        self.dataset_config, self.columns, self.system_prompt = dataset_config, columns, system_prompt
         self.collator = DataCollatorForPrompts()
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] | None = None
@@ -183,28 +228,23 @@ class GRPODataModule(L.LightningDataModule):
             raise ValueError(
                 "GRPODataModule: train_data is required (a path, hub id, list of dicts or Dataset)"
             )
-        source = describe_source(self.train_data)
-        train = self._load(self.train_data, source)
-        val, val_source = None, None
+        train = self._load(self.train_data, self.dataset_split)
+        val = None
         if self.val_data is not None:
-            val_source = describe_source(self.val_data)
-            val = self._load(self.val_data, val_source)
+            val = self._load(self.val_data, self.val_dataset_split)
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
-            val_source = f"{source} (validation split)"
         self.train_examples = self._tokenize(train)
         self.val_examples = self._tokenize(val) if val is not None else None
 
-    def _load(self, data: DatasetSource, source: str):
-        rows = load_rows(data, split=self.dataset_split, name=self.dataset_config)
-        if self.prompt_column != "prompt":
-            check_rows(rows, required={self.prompt_column: "text"}, source=source)
-            rows = rows.rename_column(self.prompt_column, "prompt")
-        check_rows(rows, required={"prompt": "text"}, source=source)
+    def _load(self, data: DatasetSource, split: str):
+        """Rows of ``data`` (its ``split``), renamed as ``columns`` says; each checked to have a prompt."""
+        rows = load_rows(data, split=split, name=self.dataset_config, columns=self.columns)
+        check_rows(rows, required={"prompt": "text"}, source=describe_source(data))
         return rows
 
     def _tokenize(self, rows) -> list[dict]:
-        """-> [{"prompt_ids", "prompt", **other columns}]; a prompt keeps its last ``max_length`` tokens."""
+        """-> [{"prompt_ids", "prompt", **other columns}]; a prompt keeps its last ``max_prompt_length``."""
         tok = self.tokenizer
         examples = []
         for row in rows:
@@ -219,17 +259,18 @@ class GRPODataModule(L.LightningDataModule):
                 prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
             else:
                 prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            if self.max_length is not None:
-                prompt_ids = prompt_ids[-self.max_length :]
+            if self.max_prompt_length is not None:
+                prompt_ids = prompt_ids[-self.max_prompt_length :]
             examples.append({**row, "prompt": prompt, "prompt_ids": prompt_ids})
         return examples
 
     def train_dataloader(self):
+        # LookaheadLoader, not a DataLoader: it is stateful, so a run resumed mid-epoch skips the
+        # prompts already used (Lightning restarts a plain DataLoader's epoch from the beginning)
         return LookaheadLoader(
             self.train_examples,
             batch_size=self.batch_size,
             collate_fn=self.collator,
-            count_items=_no_items,
             shuffle=True,
             seed=self.seed,
             drop_last=True,
@@ -246,10 +287,6 @@ class GRPODataModule(L.LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.num_workers,
         )
-
-
-def _no_items(batch: dict) -> int:
-    return 0  # the loss normalisation is counted after generation, not from the prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +555,17 @@ class GRPOModule(L.LightningModule):
         max_grad_norm: clip the gradient norm at each optimizer step (None: no clipping).
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
+
+    Metrics (``train/``, one row per generation batch, over every rank's samples):
+        ``reward``, ``reward_std`` (the mean of the groups' std), ``frac_reward_zero_std``,
+        ``rewards/<function>/mean|std``, ``completions/mean_length|min_length|max_length|clipped_ratio``
+        and ``num_tokens`` (prompt + completion tokens so far), measured at generation;
+        ``loss``, ``entropy`` and ``clip_ratio/low_mean|high_mean|region_mean`` over the policy updates;
+        with ``beta > 0``, ``kl``: the k3 estimate of KL(pi_theta || pi_ref) per completion token,
+        measured at update time (the policy being trained, averaged over the updates); with an engine
+        that reports log-probs (vLLM), ``sampling/logp_diff/mean|max`` and
+        ``sampling/importance_ratio/min|mean|max``. Validation: ``val/reward``,
+        ``val/rewards/<function>/mean``, ``val/completions/mean_length`` (greedy, one per prompt).
     """
 
     METHOD = "GRPO"
@@ -654,102 +702,80 @@ class GRPOModule(L.LightningModule):
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
-
         mesh = self.device_mesh["data_parallel"]
         for layer in decoder_layers(self.model):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
-    def setup(self, stage: str) -> None:
-        # sampling (generation, mini-batch shuffling) draws from this rank's own RNG stream, seeded
-        # from the global seed (seed_everything) and the rank; it is saved in checkpoints (Lightning
-        # does not save the global RNG), so a resumed run samples what the uninterrupted one would
-        self.generator = torch.Generator(self.trainer.strategy.root_device)
-        self.generator.manual_seed(torch.initial_seed() + self.global_rank)
-
-    def configure_callbacks(self):
-        # beta > 0 needs a reference: the user's ReferenceModel callback, else one with defaults
-        if self.beta == 0.0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
-            return []
-        return [ReferenceModel()]
-
     def forward(self, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool = False):
-        """Per-token log-probs (and entropies) of the last ``logits_to_keep`` tokens of ``input_ids``."""
-        return self._get_per_token_logps(input_ids, attention_mask, logits_to_keep, compute_entropy)
+        """(N, C) log-probs of the last C = ``logits_to_keep`` tokens of ``input_ids`` under the
+        temperature-scaled policy, and their (N, C) entropies (no grad) if ``compute_entropy``, else None."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (N, C, V): position t predicts completion token t
+        logits = logits / self.temperature
+        per_token_logps = selective_log_softmax(logits, input_ids[:, -logits_to_keep:])  # (N, C)
+        entropies = None
+        if compute_entropy:
+            with torch.no_grad():
+                entropies = entropy_from_logits(logits)  # (N, C)
+        return per_token_logps, entropies
 
     def training_step(self, batch, batch_idx):
-        optimizer, lr_scheduler = self.optimizers(), self.lr_schedulers()
         mini_batch_size, micro_batch_size = self._split_sizes(len(batch["prompt_ids"]))
-
-        # 1. sample num_generations completions per prompt with the current policy
+        # 1. generate num_generations completions per prompt with the current policy (N = B * G, prompt-major)
         with sampling_rng(self.generator):
             rollout = self.rollout.generate(
-                self.model,
-                batch["prompt_ids"],
-                num_generations=self.num_generations,
-                max_completion_length=self.max_completion_length,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
+                self.model, batch["prompt_ids"], num_generations=self.num_generations,
+                max_completion_length=self.max_completion_length, temperature=self.temperature,
+                top_p=self.top_p, top_k=self.top_k,
+            )  # fmt: skip
+        # 2. pack the samples into tensors: (N, P+C), (N, P+C), (N, C)
+        input_ids, attention_mask, completion_mask = self._pack(batch["prompt_ids"], rollout)
+        # 3. score every completion with every reward function, NaN where one does not apply
+        prompts, completions, columns = self._reward_inputs(batch, rollout)
+        rewards_per_func = score_completions(
+            self.reward_funcs, prompts, completions, completion_ids=rollout.completion_ids, columns=columns
+        ).to(self.device)  # (N, F)
+        # 4. combine: the weighted sum over the functions, NaN where none applies
+        rewards = self._combine(rewards_per_func)  # (N,)
+        # 5. old and reference log-probs (no grad); old = detached current (ratio exactly 1) when on policy
+        on_policy = self.num_iterations == 1 and self.steps_per_generation == 1
+        correct_sampler = self.vllm_importance_sampling_correction and rollout.logps is not None
+        C, old_per_token_logps, ref_per_token_logps = completion_mask.size(1), None, None
+        if not on_policy or correct_sampler:
+            old_per_token_logps = self._old_per_token_logps(input_ids, attention_mask, C, micro_batch_size)
+        if self.beta != 0.0:
+            ref_per_token_logps = self._ref_per_token_logps(input_ids, attention_mask, C, micro_batch_size)
+        # 6. importance-sampling correction: the engine sampled from its own numbers (vLLM)
+        importance_sampling_ratio, sampling_metrics = None, {}  # (N, C) or (N, 1) weights
+        if correct_sampler:
+            importance_sampling_ratio, sampling_metrics = self._importance_sampling_correction(
+                old_per_token_logps, rollout, completion_mask
             )
-        # 2. score them: rewards -> advantages; old and reference log-probs, no grad
-        samples, metrics = self._score_rollout(batch, rollout, micro_batch_size)
-
-        # 3. num_iterations passes of steps_per_generation optimizer steps over the samples
-        num_samples = samples["advantages"].size(0)
-        losses, step_sums = [], {}  # each optimizer step's loss; weighted sums of the micro-batch metrics
-        for _ in range(self.num_iterations):
-            if self.steps_per_generation > 1:
-                order = torch.randperm(num_samples, generator=self.generator, device=self.generator.device)
-            else:
-                order = torch.arange(num_samples)
-            for mini_batch in order.split(mini_batch_size):
-                # dapo normalises by the optimizer step's completion tokens, averaged over ranks
-                # because DDP averages the gradients: sum over all ranks / all tokens
-                num_items_in_batch = self.trainer.strategy.reduce(
-                    samples["completion_mask"][mini_batch].sum().float(), reduce_op="mean"
-                )
-                step_loss = 0.0
-                for micro_batch in mini_batch.split(micro_batch_size):
-                    loss, step_metrics = self._compute_loss(
-                        {k: v[micro_batch] for k, v in samples.items() if v is not None}, num_items_in_batch
-                    )
-                    # dapo is normalised over the whole mini-batch already; the others are means
-                    # over their micro-batch: weight them into a mean over the mini-batch
-                    scale = 1.0 if self.loss_type == "dapo" else len(micro_batch) / len(mini_batch)
-                    self.manual_backward(loss * scale)
-                    step_loss += loss.detach() * scale
-                    # means over the micro-batch's completion tokens (GSPO's clip ratios: over its
-                    # completions): weight each by that count
-                    num_completion_tokens = samples["completion_mask"][micro_batch].sum()
-                    for name, value in step_metrics.items():
-                        sequence_level = self.importance_sampling_level == "sequence" and name.startswith(
-                            "clip_ratio"
-                        )
-                        count = len(micro_batch) if sequence_level else num_completion_tokens
-                        weight = torch.as_tensor(count, dtype=value.dtype, device=value.device)
-                        step_sums.setdefault(name, []).append(torch.stack([value * weight, weight]))
-                losses.append(step_loss)  # the optimizer step's loss
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(
-                        optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-                    )
-                optimizer.step()
-                optimizer.zero_grad()
-                if lr_scheduler is not None:
-                    lr_scheduler.step()
-
-        # micro-batch metrics weighted over all micro-batches and ranks, in one collective
-        names = list(step_sums)
-        totals = self.trainer.strategy.reduce(
-            torch.stack([torch.stack(step_sums[name]).sum(0) for name in names]), reduce_op="sum"
-        )  # (metrics, 2)
-        metrics.update(
-            {name: value_sum / weight.clamp(min=1) for name, (value_sum, weight) in zip(names, totals)}
-        )
-        # dapo divides each rank's token sum by the ranks' mean token count; the other loss types are
-        # means over equally many completions per rank: the mean over ranks is the global loss
+        # 7. advantages: group-relative
+        advantages = group_advantages(rewards, self.num_generations, scale_rewards=self.scale_rewards)  # (N,)
+        # 8. num_iterations passes of steps_per_generation optimizer steps over the samples
+        samples = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            "advantages": advantages, "old_per_token_logps": old_per_token_logps,
+            "ref_per_token_logps": ref_per_token_logps,
+            "importance_sampling_ratio": importance_sampling_ratio,
+        }  # fmt: skip
+        losses, weighted_metrics = self._policy_updates(samples, mini_batch_size, micro_batch_size)
+        # 9. metrics: the generation batch's over every rank's samples (ranks hold equally many whole groups)
+        lengths = torch.tensor([len(ids) for ids in rollout.completion_ids])  # (N,)
+        all_rewards_per_func, all_lengths, all_truncated, all_num_tokens = self._all_gather_samples(
+            rewards_per_func, lengths, torch.tensor(rollout.truncated), attention_mask.sum(1)
+        )  # (M, F), (M,), (M,), (M,) with M = world_size * N
+        self.num_tokens += int(all_num_tokens.sum())  # prompt + completion tokens, all ranks
+        metrics = self._generation_metrics(all_rewards_per_func, all_lengths, all_truncated)
+        metrics |= sampling_metrics | self._mean_over_micro_batches(weighted_metrics)
         metrics["loss"] = self.trainer.strategy.reduce(torch.stack(losses).mean(), reduce_op="mean")
         for name, value in metrics.items():
             self.log(f"train/{name}", value, prog_bar=name in ("reward", "loss"))
@@ -791,6 +817,19 @@ class GRPOModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
         }
 
+    def setup(self, stage: str) -> None:
+        # sampling (generation, mini-batch shuffling) draws from this rank's own RNG stream, seeded
+        # from the global seed (seed_everything) and the rank; it is saved in checkpoints (Lightning
+        # does not save the global RNG), so a resumed run samples what the uninterrupted one would
+        self.generator = torch.Generator(self.trainer.strategy.root_device)
+        self.generator.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def configure_callbacks(self):
+        # beta > 0 needs a reference: the user's ReferenceModel callback, else one with defaults
+        if self.beta == 0.0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
+            return []
+        return [ReferenceModel()]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["num_tokens"] = self.num_tokens
         # every rank's sampling RNG state (this hook runs on every rank; the strategy writes rank 0's dict)
@@ -812,129 +851,163 @@ class GRPOModule(L.LightningModule):
             return
         self.generator.set_state(states[self.global_rank].clone())  # a copy: set_state rejects a row view
 
+
     # -----------------------------------------------------------------------------------------
-    # Helpers
+    # Helpers, in the order training_step calls them
     # -----------------------------------------------------------------------------------------
-    def _score_rollout(self, batch: dict, rollout: RolloutOutput, micro_batch_size: int):
-        """Tensors for the policy updates, plus the generation-batch metrics."""
-        G, device = self.num_generations, self.device
+    def _split_sizes(self, num_prompts: int) -> tuple[int, int]:
+        """(mini-batch, micro-batch) sizes in completions; raises naming the options to change."""
+        num_samples = num_prompts * self.num_generations
+        steps = self.steps_per_generation
+        micro = self.micro_batch_size or num_samples // max(steps, 1)
+        if num_samples % steps or (num_samples // steps) % micro or micro < 1:
+            fits = [
+                b
+                for b in range(num_prompts, num_prompts + steps * micro + 1)
+                if (b * self.num_generations) % (steps * micro) == 0
+            ]
+            hint = f"e.g. data.batch_size: {fits[0]}" if fits else "e.g. a larger data.batch_size"
+            raise ValueError(
+                f"{self.METHOD}: a generation batch of data.batch_size ({num_prompts}) x model.num_generations "
+                f"({self.num_generations}) = {num_samples} completions must split into model.steps_per_generation "
+                f"({steps}) optimizer steps of whole micro-batches of model.micro_batch_size ({micro}) completions, "
+                f"i.e. be divisible by {steps * micro}. Change data.batch_size, model.num_generations, "
+                f"model.steps_per_generation or model.micro_batch_size ({hint})."
+            )
+        return num_samples // steps, micro
+
+    def _pack(self, prompt_ids: list[list[int]], rollout: RolloutOutput):
+        """Each prompt G times (prompt-major, as the rollout), left-padded, then its completion, right-padded.
+
+        Returns:
+            ``input_ids`` (N, P+C), ``attention_mask`` (N, P+C) and ``completion_mask`` (N, C): 1 on
+            completion tokens, 0 on padding and, with ``mask_truncated_completions``, on the completions
+            cut at ``max_completion_length``.
+        """
+        device, pad_token_id = self.device, self.tokenizer.pad_token_id
+        G = self.num_generations
+        prompts = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids for _ in range(G)]
+        completions = [torch.tensor(ids, dtype=torch.long) for ids in rollout.completion_ids]
+        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompts], 0, "left")  # (N, P)
+        completion_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in completions], 0)  # (N, C)
+        input_ids = torch.cat([pad(prompts, pad_token_id, "left"), pad(completions, pad_token_id)], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P+C)
+        completion_mask = completion_mask.to(device)
+        if self.mask_truncated_completions:  # no loss on completions cut at max_completion_length
+            is_truncated = torch.tensor(rollout.truncated, device=device)  # (N,)
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
+        return input_ids.to(device), attention_mask.to(device), completion_mask
+
+    def _reward_inputs(self, batch: dict, rollout: RolloutOutput) -> tuple[list, list, dict[str, list]]:
+        """What reward functions see, one of each per completion: prompts, completions, dataset columns."""
+        G = self.num_generations
         prompts = [prompt for prompt in batch["prompt"] for _ in range(G)]  # prompt-major, as the rollout
-        prompt_ids = [ids for ids in batch["prompt_ids"] for _ in range(G)]
         columns = {
             name: [value for value in values for _ in range(G)] for name, values in batch["columns"].items()
         }
-        completions = self._completions(prompts, rollout)
+        return prompts, self._completions(prompts, rollout), columns
 
-        prompt_ids = pad(
-            [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids], self.tokenizer.pad_token_id, "left"
-        )  # (N, P)
-        prompt_mask = pad(
-            [torch.ones(len(ids), dtype=torch.long) for ids in batch["prompt_ids"] for _ in range(G)],
-            0,
-            "left",
-        )  # (N, P)
-        completion_ids = pad(
-            [torch.tensor(ids, dtype=torch.long) for ids in rollout.completion_ids],
-            self.tokenizer.pad_token_id,
-        )  # (N, C)
-        completion_mask = pad(
-            [torch.ones(len(ids), dtype=torch.long) for ids in rollout.completion_ids], 0
-        )  # (N, C)
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)  # (N, P+C)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)  # (N, P+C)
-        is_truncated = torch.tensor(rollout.truncated, device=device)  # (N,)
-        completion_mask = completion_mask.to(device)
-        if self.mask_truncated_completions:  # no loss on completions cut at max_completion_length
-            completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
+    def _completions(self, prompts: list, rollout: RolloutOutput) -> list:
+        """Completions as reward functions see them: strings, or an assistant message for chat prompts."""
+        if is_conversational(prompts[0]):
+            return [[{"role": "assistant", "content": text}] for text in rollout.completions]
+        return list(rollout.completions)
 
-        logits_to_keep = completion_ids.size(1)
-        with torch.no_grad():
-            chunks = list(zip(input_ids.split(micro_batch_size), attention_mask.split(micro_batch_size)))
-            # off-policy only when the policy moves before these samples are all used: more than one
-            # optimizer step per generation batch; otherwise old = detached current (ratio exactly 1).
-            # The rollout correction compares them with the sampler's log-probs: computed then too.
-            correct_sampler = self.vllm_importance_sampling_correction and rollout.logps is not None
-            old_per_token_logps = None
-            if self.num_iterations > 1 or self.steps_per_generation > 1 or correct_sampler:
-                old_per_token_logps = torch.cat(
-                    [self._get_per_token_logps(i, a, logits_to_keep)[0] for i, a in chunks]
-                )
-            ref_per_token_logps = None
-            if self.beta != 0.0:
-                ref_per_token_logps = torch.cat(
-                    [self._get_ref_per_token_logps(i, a, logits_to_keep) for i, a in chunks]
-                )
-        # the engine sampled from its own numbers (vLLM): weight by pi_old / pi_sampler
-        importance_sampling_ratio, sampling_metrics = None, {}
-        if correct_sampler:
-            sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0).to(
-                device
-            )  # (N, C)
-            importance_sampling_ratio, sampling_metrics = vllm_importance_sampling_ratio(
-                old_per_token_logps,
-                sampler_per_token_logps,
-                completion_mask,
-                level=self.vllm_importance_sampling_level,
-                mode=self.vllm_importance_sampling_mode,
-                cap=self.vllm_importance_sampling_cap,
-            )  # (N, C) or (N, 1)
+    def _combine(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """(N, F) -> (N,) weighted nansum; NaN where no function applies (unscorable)."""
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        return rewards.masked_fill(rewards_per_func.isnan().all(dim=1), float("nan"))
 
-        # rewards: weighted sum over functions, NaN where none applies -> group-relative advantages
-        rewards_per_func = score_completions(
-            self.reward_funcs, prompts, completions, completion_ids=rollout.completion_ids, columns=columns
-        ).to(device)  # (N, F)
-        rewards = self._combine(rewards_per_func)  # (N,)
-        advantages = group_advantages(rewards, G, scale_rewards=self.scale_rewards)  # (N,)
+    @torch.no_grad()
+    def _old_per_token_logps(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, micro_batch_size
+    ) -> torch.Tensor:
+        """(N, C) log-probs of the last C tokens under the policy before any update, by micro-batches."""
+        chunks = zip(input_ids.split(micro_batch_size), attention_mask.split(micro_batch_size))
+        return torch.cat([self(ids, mask, logits_to_keep)[0] for ids, mask in chunks])
 
-        samples = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "completion_mask": completion_mask,
-            "advantages": advantages,
-            "old_per_token_logps": old_per_token_logps,
-            "ref_per_token_logps": ref_per_token_logps,
-            "importance_sampling_ratio": importance_sampling_ratio,
-        }
+    @torch.no_grad()
+    def _ref_per_token_logps(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, micro_batch_size
+    ) -> torch.Tensor:
+        """(N, C) log-probs of the last C tokens under the temperature-scaled reference, by micro-batches."""
+        reference = find_reference_model(self.trainer, self.METHOD)
+        per_token_logps = []
+        for ids, mask in zip(input_ids.split(micro_batch_size), attention_mask.split(micro_batch_size)):
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+            logits = reference.forward(ids, mask, position_ids, logits_to_keep=logits_to_keep + 1)[:, :-1]
+            per_token_logps.append(selective_log_softmax(logits / self.temperature, ids[:, -logits_to_keep:]))
+        return torch.cat(per_token_logps)
 
-        # generation-batch metrics over every rank's samples (ranks hold equally many whole groups)
-        lengths = torch.tensor([len(ids) for ids in rollout.completion_ids], dtype=torch.float, device=device)
-        columns = [
-            rewards_per_func,
-            lengths[:, None],
-            is_truncated[:, None].float(),
-            attention_mask.sum(1, keepdim=True).float(),
-        ]
-        per_sample = torch.cat(columns, dim=1)  # (N, F+3)
-        per_sample = self.all_gather(per_sample).reshape(-1, per_sample.size(1))  # (world_size * N, F+3)
-        num_funcs = rewards_per_func.size(1)
-        rewards_per_func = per_sample[:, :num_funcs]
-        lengths, is_truncated = per_sample[:, num_funcs], per_sample[:, num_funcs + 1]
-        rewards = self._combine(rewards_per_func)  # (world_size * N,)
-        group_std = _nanstd(rewards.view(-1, G), dim=1).nan_to_num(nan=0.0)  # (groups,)
-        self.num_tokens += int(per_sample[:, num_funcs + 2].sum())
-        metrics = {
-            "reward": rewards.nanmean(),
-            "reward_std": group_std.mean(),
-            "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
-            "completions/mean_length": lengths.mean(),
-            "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": is_truncated.mean(),
-        }
-        for name, values in zip(self.reward_func_names, rewards_per_func.T):
-            metrics[f"rewards/{name}/mean"] = values.nanmean()
-            metrics[f"rewards/{name}/std"] = _nanstd(values, dim=0)
-        for name, value in sampling_metrics.items():  # this rank's samples: min / max / mean over ranks
+    def _importance_sampling_correction(
+        self, old_per_token_logps: torch.Tensor, rollout: RolloutOutput, completion_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Truncated pi_old / pi_sampler weights of the engine's samples, (N, C) or (N, 1), and their
+        ``sampling/*`` metrics over every rank's samples (min / max / mean as the name says)."""
+        sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0)  # (N, C)
+        importance_sampling_ratio, metrics = vllm_importance_sampling_ratio(
+            old_per_token_logps,
+            sampler_per_token_logps.to(self.device),
+            completion_mask,
+            level=self.vllm_importance_sampling_level,
+            mode=self.vllm_importance_sampling_mode,
+            cap=self.vllm_importance_sampling_cap,
+        )
+        for name, value in metrics.items():  # this rank's samples: min / max / mean over ranks
             reduce_op = "min" if name.endswith("/min") else "max" if name.endswith("/max") else "mean"
             metrics[name] = self.trainer.strategy.reduce(value, reduce_op=reduce_op)
-        return samples, metrics
+        return importance_sampling_ratio, metrics
+
+    def _policy_updates(self, samples: dict, mini_batch_size: int, micro_batch_size: int):
+        """``num_iterations`` passes of ``steps_per_generation`` optimizer steps over the samples.
+
+        Returns each optimizer step's loss and each micro-batch's weighted metrics (`_weigh`). dapo
+        divides each rank's token sum by the ranks' mean token count; the other loss types are means
+        over equally many completions per rank: the mean of a step's loss over ranks is its global loss.
+        """
+        optimizer, lr_scheduler = self.optimizers(), self.lr_schedulers()
+        num_samples = samples["advantages"].size(0)
+        losses, weighted_metrics = [], []
+        for _ in range(self.num_iterations):
+            if self.steps_per_generation > 1:  # shuffled mini-batches, drawn from the sampling RNG
+                order = torch.randperm(num_samples, generator=self.generator, device=self.generator.device)
+            else:
+                order = torch.arange(num_samples)
+            for mini_batch in order.split(mini_batch_size):
+                step_loss, step_metrics = self._accumulate_gradients(samples, mini_batch, micro_batch_size)
+                losses.append(step_loss)
+                weighted_metrics += step_metrics
+                self._optimizer_step(optimizer, lr_scheduler)
+        return losses, weighted_metrics
+
+    def _accumulate_gradients(self, samples: dict, mini_batch: torch.Tensor, micro_batch_size: int):
+        """Forward and backward over one optimizer step's samples (indices ``mini_batch``) in micro-batches.
+
+        Returns the step's loss (a 0-d tensor) and each micro-batch's weighted metrics (`_weigh`).
+        """
+        # dapo normalises by the optimizer step's completion tokens, averaged over ranks
+        # because DDP averages the gradients: sum over all ranks / all tokens
+        num_items_in_batch = self.trainer.strategy.reduce(
+            samples["completion_mask"][mini_batch].sum().float(), reduce_op="mean"
+        )
+        step_loss, weighted_metrics = 0.0, []
+        for micro_batch in mini_batch.split(micro_batch_size):
+            micro_samples = {k: v[micro_batch] for k, v in samples.items() if v is not None}
+            loss, metrics = self._compute_loss(micro_samples, num_items_in_batch)
+            # dapo is normalised over the whole mini-batch already; the others are means
+            # over their micro-batch: weight them into a mean over the mini-batch
+            scale = 1.0 if self.loss_type == "dapo" else len(micro_batch) / len(mini_batch)
+            self.manual_backward(loss * scale)
+            step_loss += loss.detach() * scale
+            weighted_metrics.append(self._weigh(metrics, micro_samples["completion_mask"]))
+        return step_loss, weighted_metrics
 
     def _compute_loss(self, samples: dict, num_items_in_batch: torch.Tensor):
-        logits_to_keep = samples["completion_mask"].size(1)
-        per_token_logps, entropies = self._get_per_token_logps(
-            samples["input_ids"], samples["attention_mask"], logits_to_keep, compute_entropy=True
+        """`grpo_loss` of one micro-batch under the current policy, and its metrics plus ``entropy``."""
+        completion_mask = samples["completion_mask"]  # (n, C)
+        per_token_logps, entropies = self(
+            samples["input_ids"], samples["attention_mask"], completion_mask.size(1), compute_entropy=True
         )  # (n, C), (n, C)
-        completion_mask = samples["completion_mask"]
         # the ratio is exactly 1 only when no optimizer step happened since generation
         on_policy = self.num_iterations == 1 and self.steps_per_generation == 1
         old_per_token_logps = per_token_logps.detach() if on_policy else samples["old_per_token_logps"]
@@ -960,65 +1033,63 @@ class GRPOModule(L.LightningModule):
         metrics["entropy"] = masked_mean(entropies, completion_mask)
         return loss, metrics
 
-    def _get_per_token_logps(
-        self, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool = False
-    ):
-        """(N, C) log-probs of the last C tokens under the temperature-scaled policy (and entropies)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=logits_to_keep + 1,
-            use_cache=False,
-        ).logits[:, :-1]  # (N, C, V): position t predicts completion token t
-        logits = logits / self.temperature
-        per_token_logps = selective_log_softmax(logits, input_ids[:, -logits_to_keep:])
-        entropies = None
-        if compute_entropy:
-            with torch.no_grad():
-                entropies = entropy_from_logits(logits)
-        return per_token_logps, entropies
+    def _weigh(self, metrics: dict[str, torch.Tensor], completion_mask: torch.Tensor) -> dict:
+        """Each micro-batch metric as (2,) ``[value * count, count]``, count being what it is a mean over:
+        the micro-batch's completion tokens (GSPO's clip ratios: its completions)."""
+        weighted = {}
+        for name, value in metrics.items():
+            sequence_level = self.importance_sampling_level == "sequence" and name.startswith("clip_ratio")
+            count = completion_mask.size(0) if sequence_level else completion_mask.sum()
+            weight = torch.as_tensor(count, dtype=value.dtype, device=value.device)
+            weighted[name] = torch.stack([value * weight, weight])
+        return weighted
 
-    def _get_ref_per_token_logps(self, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
-        reference = next(c for c in self.trainer.callbacks if isinstance(c, ReferenceModel))
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = reference.forward(
-            input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep + 1
-        )[:, :-1]
-        return selective_log_softmax(logits / self.temperature, input_ids[:, -logits_to_keep:])
-
-    def _combine(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """(N, F) -> (N,) weighted nansum; NaN where no function applies (unscorable)."""
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
-        return rewards.masked_fill(rewards_per_func.isnan().all(dim=1), float("nan"))
-
-    def _completions(self, prompts: list, rollout: RolloutOutput) -> list:
-        """Completions as reward functions see them: strings, or an assistant message for chat prompts."""
-        if is_conversational(prompts[0]):
-            return [[{"role": "assistant", "content": text}] for text in rollout.completions]
-        return list(rollout.completions)
-
-    def _split_sizes(self, num_prompts: int) -> tuple[int, int]:
-        """(mini-batch, micro-batch) sizes in completions; raises naming the options to change."""
-        num_samples = num_prompts * self.num_generations
-        steps = self.steps_per_generation
-        micro = self.micro_batch_size or num_samples // max(steps, 1)
-        if num_samples % steps or (num_samples // steps) % micro or micro < 1:
-            fits = [
-                b
-                for b in range(num_prompts, num_prompts + steps * micro + 1)
-                if (b * self.num_generations) % (steps * micro) == 0
-            ]
-            hint = f"e.g. data.batch_size: {fits[0]}" if fits else "e.g. a larger data.batch_size"
-            raise ValueError(
-                f"{self.METHOD}: a generation batch of data.batch_size ({num_prompts}) x model.num_generations "
-                f"({self.num_generations}) = {num_samples} completions must split into model.steps_per_generation "
-                f"({steps}) optimizer steps of whole micro-batches of model.micro_batch_size ({micro}) completions, "
-                f"i.e. be divisible by {steps * micro}. Change data.batch_size, model.num_generations, "
-                f"model.steps_per_generation or model.micro_batch_size ({hint})."
+    def _optimizer_step(self, optimizer, lr_scheduler) -> None:
+        """Clip the gradient norm to ``max_grad_norm``, step the optimizer, zero the grads, step the LR."""
+        if self.max_grad_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
             )
-        return num_samples // steps, micro
+        optimizer.step()
+        optimizer.zero_grad()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+
+    def _all_gather_samples(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's per-sample values, as float, in one collective: (N,) or (N, k) each ->
+        (world_size * N,) or (world_size * N, k), rank by rank."""
+        widths = [1 if value.dim() == 1 else value.size(1) for value in values]  # K = sum(widths) columns
+        per_sample = torch.cat([v.to(self.device, torch.float).reshape(v.size(0), -1) for v in values], 1)
+        per_sample = self.all_gather(per_sample).reshape(-1, per_sample.size(1))  # (world_size * N, K)
+        columns = per_sample.split(widths, dim=1)
+        return [column.squeeze(1) if value.dim() == 1 else column for column, value in zip(columns, values)]
+
+    def _generation_metrics(
+        self, all_rewards_per_func: torch.Tensor, all_lengths: torch.Tensor, all_truncated: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Rewards and completion lengths of every rank's samples: (M, F), (M,), (M,), M = world_size * N."""
+        all_rewards = self._combine(all_rewards_per_func)  # (M,)
+        group_std = _nanstd(all_rewards.view(-1, self.num_generations), dim=1).nan_to_num(nan=0.0)  # (M / G,)
+        metrics = {
+            "reward": all_rewards.nanmean(),
+            "reward_std": group_std.mean(),
+            "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
+            "completions/mean_length": all_lengths.mean(),
+            "completions/min_length": all_lengths.min(),
+            "completions/max_length": all_lengths.max(),
+            "completions/clipped_ratio": all_truncated.mean(),
+        }
+        for name, values in zip(self.reward_func_names, all_rewards_per_func.T):
+            metrics[f"rewards/{name}/mean"] = values.nanmean()
+            metrics[f"rewards/{name}/std"] = _nanstd(values, dim=0)
+        return metrics
+
+    def _mean_over_micro_batches(self, weighted_metrics: list[dict]) -> dict[str, torch.Tensor]:
+        """Each metric's mean weighted over all micro-batches and ranks, in one collective."""
+        names = list(weighted_metrics[0])
+        sums = [torch.stack([weighted[name] for weighted in weighted_metrics]).sum(0) for name in names]
+        totals = self.trainer.strategy.reduce(torch.stack(sums), reduce_op="sum")  # (metrics, 2)
+        return {name: value_sum / weight.clamp(min=1) for name, (value_sum, weight) in zip(names, totals)}
 
 
 def _unique(names: list[str]) -> list[str]:

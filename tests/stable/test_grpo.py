@@ -1,6 +1,8 @@
 """GRPO: advantages, loss variants (hand-derived), the training loop, and a learning signal."""
 
 import math
+import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -9,6 +11,8 @@ import torch
 from lit_posttrain import GRPODataModule, GRPOModule, group_advantages, grpo_loss
 from lit_posttrain.rewards import PatternFractionReward
 from lit_posttrain.stable.grpo import vllm_importance_sampling_ratio
+
+ROOT = Path(__file__).resolve().parents[2]
 
 NAN = float("nan")
 
@@ -87,6 +91,7 @@ def test_grpo_loss_gradient_is_the_policy_gradient():
 
 
 def test_grpo_loss_unknown_values_raise():
+    """An unknown loss_type or importance_sampling_level, or dr_grpo without its normaliser, raises naming it."""
     per_token_logps, old, advantages, mask = _on_policy_batch()
     with pytest.raises(ValueError, match="loss_type must be one of"):
         grpo_loss(per_token_logps, old, advantages, mask, loss_type="ppo")
@@ -212,6 +217,7 @@ def test_batch_size_that_does_not_fit_names_the_options(tiny_model_dir):
 
 
 def test_bad_options_raise(tiny_model_dir):
+    """Out-of-range num_generations, mismatched reward_weights and an unknown loss_type raise naming the key."""
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
         GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], num_generations=1)
     with pytest.raises(ValueError, match="reward_weights has 2 values for 1 reward_funcs"):
@@ -411,7 +417,113 @@ def test_grpo_loss_importance_sampling_ratio_weights_policy_term_only():
 
 
 def test_vllm_importance_sampling_options_are_checked(tiny_model_dir):
+    """An unknown vllm_importance_sampling_mode or a cap below 1 raises naming the option."""
     with pytest.raises(ValueError, match="vllm_importance_sampling_mode must be one of"):
         GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], vllm_importance_sampling_mode="clip")
     with pytest.raises(ValueError, match="vllm_importance_sampling_cap must be >= 1"):
         GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], vllm_importance_sampling_cap=0.5)
+
+
+def test_missing_reference_model_is_a_clear_error(tiny_model_dir):
+    """beta > 0 with a Trainer that has no ReferenceModel fails naming the method and the callback."""
+    module = GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], beta=0.1)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    ids, mask = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="GRPO needs exactly one lit_posttrain.callbacks.ReferenceModel"):
+        module._ref_per_token_logps(ids, mask, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The DataModule
+# ---------------------------------------------------------------------------------------------
+def _future_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_max_prompt_length_keeps_the_end_of_each_prompt(tiny_model_dir, tiny_tokenizer):
+    """max_prompt_length keeps a prompt's last tokens (None: all of them), without any warning."""
+    rows = [{"prompt": "Digits only: 41+29=", "answer": "70"}] * 2
+    full = tiny_tokenizer(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        datamodule = GRPODataModule(tiny_model_dir, rows, max_prompt_length=4)
+        datamodule.setup("fit")
+        whole = GRPODataModule(tiny_model_dir, rows, max_prompt_length=None)
+        whole.setup("fit")
+    assert not _future_warnings(caught)
+    assert datamodule.train_examples[0]["prompt_ids"] == full[-4:]
+    assert whole.train_examples[0]["prompt_ids"] == full
+
+
+def test_deprecated_max_length_warns_once_and_is_used(tiny_model_dir, tiny_tokenizer):
+    """max_length (the old name of max_prompt_length) still works: one FutureWarning naming the new name
+    and the removal version; giving both names is an error."""
+    rows = [{"prompt": "Digits only: 41+29="}] * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        datamodule = GRPODataModule(tiny_model_dir, rows, max_length=4)
+    messages = _future_warnings(caught)
+    assert len(messages) == 1 and "max_prompt_length" in messages[0] and "0.3" in messages[0], messages
+    datamodule.setup("fit")
+    assert datamodule.max_prompt_length == 4 and len(datamodule.train_examples[0]["prompt_ids"]) == 4
+    with pytest.raises(ValueError, match="max_prompt_length .* or its deprecated alias max_length"):
+        GRPODataModule(tiny_model_dir, rows, max_prompt_length=8, max_length=4)
+
+
+@pytest.mark.parametrize("option, warns", [("max_length", True), ("max_prompt_length", False)])
+def test_quickstart_prompt_length_on_the_command_line(option, warns, monkeypatch):
+    """`lit-posttrain fit --config configs/quickstart/grpo.yaml --data.init_args.max_length 64` works with one
+    FutureWarning; the new name --data.init_args.max_prompt_length works without one."""
+    from lit_posttrain.cli import cli_main
+
+    monkeypatch.chdir(ROOT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main(["--config", "configs/quickstart/grpo.yaml", f"--data.init_args.{option}", "64"], run=False)
+    messages = _future_warnings(caught)
+    assert len(messages) == (1 if warns else 0), messages
+    assert all("max_prompt_length" in message and "0.3" in message for message in messages)
+    assert cli.datamodule.max_prompt_length == 64
+
+
+def test_columns_maps_the_prompt_and_prompt_column_is_a_deprecated_alias(tiny_model_dir):
+    """columns={"prompt": "question"} reads the data's question column as the prompt; the deprecated
+    prompt_column does the same with one FutureWarning; giving both is an error."""
+    rows = [{"question": "2+2=", "answer": "4"}, {"question": "3+3=", "answer": "6"}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapped = GRPODataModule(tiny_model_dir, rows, columns={"prompt": "question"})
+        mapped.setup("fit")
+    assert not _future_warnings(caught)
+    assert [e["prompt"] for e in mapped.train_examples] == ["2+2=", "3+3="]
+    assert mapped.train_examples[0]["answer"] == "4" and "question" not in mapped.train_examples[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aliased = GRPODataModule(tiny_model_dir, rows, prompt_column="question")
+    messages = _future_warnings(caught)
+    assert len(messages) == 1 and "columns" in messages[0] and "0.3" in messages[0], messages
+    aliased.setup("fit")
+    assert aliased.train_examples == mapped.train_examples
+    with pytest.raises(ValueError, match="not both"):
+        GRPODataModule(tiny_model_dir, rows, columns={"prompt": "question"}, prompt_column="question")
+
+
+def test_splits_and_dataset_config_reach_the_loader(tiny_model_dir, monkeypatch):
+    """train_data is read from dataset_split, val_data from val_dataset_split (default: dataset_split), both
+    with dataset_config and columns."""
+    import lit_posttrain.stable.grpo as grpo
+
+    calls, load_rows = [], grpo.load_rows
+
+    def recording_load_rows(source, *, split, name, columns):
+        calls.append((source, split, name, columns))
+        return load_rows([{"prompt": f"{source} {split}"}])
+
+    monkeypatch.setattr(grpo, "load_rows", recording_load_rows)
+    columns = {"prompt": "prompt"}
+    GRPODataModule(tiny_model_dir, "org/data", val_data="org/data", dataset_split="train_x",
+                   val_dataset_split="test", dataset_config="main", columns=columns).setup("fit")  # fmt: skip
+    assert calls == [("org/data", "train_x", "main", columns), ("org/data", "test", "main", columns)]
+    calls.clear()
+    GRPODataModule(tiny_model_dir, "org/data", val_data="org/data", dataset_split="train_x").setup("fit")
+    assert [split for _, split, _, _ in calls] == ["train_x", "train_x"]

@@ -1,6 +1,7 @@
 """RLOO: leave-one-out advantages, the sequence-level clipped loss, KL in the reward, a learning signal."""
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -57,6 +58,8 @@ def test_rloo_loss_sequence_ratio_clips():
 
 
 class _Record(L.Callback):
+    """Keep the logged train metrics of every training step."""
+
     def __init__(self):
         self.history = []
 
@@ -122,3 +125,76 @@ def test_rloo_takes_sequence_level_importance_sampling_only(tiny_model_dir):
             tiny_model_dir, random_init=True, reward_funcs=[PatternFractionReward(pattern="[0-9]")],
             vllm_importance_sampling_level="token",
         )  # fmt: skip
+
+
+def test_vllm_importance_sampling_ratio_is_sequence_level_only():
+    """RLOO's rollout correction has one weight per completion: a token level is refused, naming the option."""
+    logps, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    assert vllm_importance_sampling_ratio(logps, logps, mask)[0].shape == (1, 1)  # the default: sequence
+    with pytest.raises(ValueError, match="vllm_importance_sampling_level must be one of \\['sequence'\\]"):
+        vllm_importance_sampling_ratio(logps, logps, mask, level="token")
+
+
+def _digits():
+    return PatternFractionReward(pattern="[0-9]")
+
+
+def test_micro_batching_does_not_change_the_update(tiny_model_dir):
+    """One generation batch of 8 completions with the KL in the reward (beta 0.05): micro_batch_size 2
+    (4 backward passes) gives the same SGD update as one pass over all 8 (same seed, same completions)."""
+    rows = [{"prompt": f"Digits only: {i}+1="} for i in range(4)]
+    params = []
+    for micro_batch_size in (None, 2):
+        L.seed_everything(0)
+        module = RLOOModule(
+            tiny_model_dir,
+            random_init=True,
+            reward_funcs=[_digits()],
+            num_generations=4,
+            max_completion_length=6,
+            micro_batch_size=micro_batch_size,
+            max_grad_norm=None,
+            optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+        )
+        _fit(module, RLOODataModule(tiny_model_dir, rows, batch_size=2), max_steps=1)
+        params.append(torch.cat([p.detach().flatten() for p in module.model.parameters()]))
+    initial = torch.cat(
+        [
+            p.detach().flatten()
+            for p in RLOOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()]).model.parameters()
+        ]
+    )
+    assert not torch.equal(params[0], initial)  # the step did something
+    assert torch.allclose(params[0], params[1], atol=1e-6)
+
+
+def test_missing_reference_model_is_a_clear_error(tiny_model_dir):
+    """beta > 0 with a Trainer that has no ReferenceModel fails naming the method and the callback."""
+    module = RLOOModule(tiny_model_dir, random_init=True, reward_funcs=[_digits()], beta=0.1)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    ids, mask = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="RLOO needs exactly one lit_posttrain.callbacks.ReferenceModel"):
+        module._ref_per_token_logps(ids, mask, 1, 2)
+
+
+def test_datamodule_max_prompt_length_and_deprecated_aliases(tiny_model_dir, tiny_tokenizer):
+    """max_prompt_length keeps a prompt's last tokens without a warning; the deprecated max_length and
+    prompt_column still work, each with one FutureWarning naming its replacement and the removal version."""
+    rows = [{"question": "Digits only: 41+29=", "answer": "70"}] * 2
+    full = tiny_tokenizer(rows[0]["question"], add_special_tokens=False)["input_ids"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        datamodule = RLOODataModule(tiny_model_dir, rows, max_prompt_length=4, columns={"prompt": "question"})
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deprecated = RLOODataModule(tiny_model_dir, rows, max_length=4, prompt_column="question")
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(messages) == 2 and all("0.3" in message for message in messages), messages
+    assert "max_prompt_length" in messages[0] and "columns" in messages[1]
+    for module in (datamodule, deprecated):
+        module.setup("fit")
+        assert module.train_examples[0]["prompt_ids"] == full[-4:]
+        assert module.train_examples[0]["answer"] == "70"
+    with pytest.raises(ValueError, match="not both"):
+        RLOODataModule(tiny_model_dir, rows, max_prompt_length=8, max_length=4)
