@@ -45,10 +45,10 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning_utilities.core.imports import RequirementCache
 
 import lit_posttrain
-from lit_posttrain import vllm_serve
+from lit_posttrain import export, vllm_serve
 from lit_posttrain.models import LoRAConfig
 
 OVERVIEW = f"""lit-posttrain {lit_posttrain.__version__}: post-training for language models as Lightning modules.
@@ -59,6 +59,7 @@ Subcommands:
   fit          train:                 lit-posttrain fit --config configs/quickstart/sft.yaml
   validate     the validation metrics of a model (or a checkpoint with --ckpt_path)
   vllm-serve   a vLLM generation server for VLLMRollout(mode="server")
+  export       a checkpoint -> a Hugging Face directory: lit-posttrain export --config C --ckpt PATH --out DIR
   (each takes --help)
 
 Methods (model.class_path / data.class_path):
@@ -79,7 +80,7 @@ def _tokenizer_source(model_name_or_path, tokenizer_name_or_path=None):
     return tokenizer_name_or_path or model_name_or_path
 
 
-class StepProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+class StepProgressBar(RichProgressBar if RequirementCache("rich") else TQDMProgressBar):
     """Lightning's progress bar, naming the step budget when the run is bounded by ``max_steps``
     (Lightning prints ``Epoch 0/-2`` there) and without ``v_num``."""
 
@@ -240,6 +241,8 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["vllm-serve"]:  # `lit-posttrain vllm-serve --model PATH ...` (not a LightningCLI subcommand)
         return vllm_serve.main(sys.argv[2:])
+    if sys.argv[1:2] == ["export"]:  # `lit-posttrain export --config C --ckpt PATH --out DIR`: export.py
+        return export.main(sys.argv[2:])
     if sys.argv[1:2] == ["diagnose"]:  # `lit-posttrain diagnose RUN_DIR`: the TrainingDiagnostics heuristics offline
         from lit_posttrain.diagnostics import main as diagnose_main
 

@@ -113,29 +113,22 @@ def test_ckpt_path_last_resumes_a_killed_run_and_refuses_a_silent_restart(tmp_pa
     to resume `last` fails (non-zero, saying what to do) and `last_if_any` starts at step 0."""
     import csv
     import signal
-    import time
 
     config = ["fit", "--config", "configs/quickstart/sft.yaml", "--config", str(_checkpointing_config(tmp_path))]
     nothing = _run(*config, "--ckpt_path", "last")
     assert nothing.returncode != 0
     assert "no last checkpoint to resume from" in nothing.stderr and "dirpath" in nothing.stderr
 
-    process = subprocess.Popen([sys.executable, "-m", "lit_posttrain", *config], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    time.sleep(1.0)  # a few steps past the checkpoint
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert last.exists(), "the run wrote no checkpoint before it was killed"
+    # killed at the start of step 7: the checkpoint of step 6 is complete, steps 7.. must be redone
+    killed = _run(*config, "--trainer.callbacks+=tests.helpers.kill_at_step.KillAtStep", "--trainer.callbacks.step", "7")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists(), "the run wrote no checkpoint before it was killed"
 
     resumed = _run(*config, "--ckpt_path", "last", "--trainer.max_steps", "12")
     assert resumed.returncode == 0, resumed.stderr
     metrics = sorted(tmp_path.glob("lightning_logs/version_*/metrics.csv"))[-1]
     steps = [int(row["step"]) for row in csv.DictReader(metrics.open()) if row.get("train/loss")]
-    assert steps[0] >= 3 and steps[-1] == 11, steps  # continued after a checkpointed step, up to max_steps
+    assert steps[0] == 6 and steps[-1] == 11, steps  # continued from the step-6 checkpoint, up to max_steps
 
     fresh = _run(*config[:-2], "--config", str(_checkpointing_config(tmp_path / "other")), "--ckpt_path",
                  "last_if_any", "--trainer.max_steps", "2")  # fmt: skip

@@ -5,13 +5,14 @@ periodic exports, Hub push) use `TinyModule`, a minimal causal LM module that fo
 HubExport reads (``model``, ``tokenizer``, ``hparams``, optional ``METHOD`` / ``PAPER``).
 """
 
+import dataclasses
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import ClassVar
 
-import lit_posttrain.callbacks.hub_export as hub_export_module
 import lightning as L
 import pytest
 import torch
@@ -27,6 +28,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+import lit_posttrain.callbacks.hub_export as hub_export_module
 from lit_posttrain import SFTDataModule, SFTModule
 from lit_posttrain.callbacks import HubExport
 from lit_posttrain.data import load_rows
@@ -180,8 +182,11 @@ def test_export_round_trip(tiny_model_dir, train_file, tmp_path, capsys):
     assert "library_name: transformers" in metadata and "pipeline_tag: text-generation" in metadata
     assert "base_model" not in metadata  # a random init from a local path is not a Hub base model
     assert "Trained with **SFT** (https://arxiv.org/abs/2203.02155)" in card
-    assert f"Base model: `{tiny_model_dir}` (architecture only" in card
-    assert f"Dataset: `{train_file}`" in card
+    # names, never the user's filesystem layout: a local path is shown by its last component
+    assert "Base model: `local: tiny-model` (architecture only" in card
+    assert "Dataset: `local: sums.jsonl`" in card and "| tokenizer | local: tiny-model |" in card
+    for local in (tmp_path, Path(train_file).parent, tiny_model_dir):
+        assert str(local) not in card
     assert (
         "| loss_type | nll |" in card
         and "| optimizer | AdamW(lr=0.01," in card
@@ -222,7 +227,9 @@ def test_lora_export(tiny_model_dir, train_file, tmp_path):
     adapted = PeftModel.from_pretrained(base, final / "adapter")
     torch.testing.assert_close(logits(adapted, inputs), expected, atol=1e-5, rtol=0)
     assert (final / "adapter" / "tokenizer.json").is_file()
-    assert "library_name: peft" in (final / "adapter" / "README.md").read_text()
+    adapter_card = (final / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in adapter_card and "<the base model: local: tiny-model>" in adapter_card
+    assert tiny_model_dir not in adapter_card
 
     # the training model: still a PEFT model with its adapter active and unmerged, same weights as before export
     assert isinstance(module.model, PeftModel) and module.model.active_adapters == ["default"]
@@ -234,12 +241,13 @@ def test_lora_export(tiny_model_dir, train_file, tmp_path):
 
 
 def test_atomic_replace_and_failed_write(tiny_model_dir, train_file, tmp_path, monkeypatch):
-    """An existing export is replaced whole; a write that fails half-way leaves the previous export
-    byte for byte and no temporary directory behind."""
+    """With overwrite=True an existing export is replaced whole; a write that fails half-way leaves the
+    previous export byte for byte and no temporary directory behind, and saves the trained model as a
+    Lightning checkpoint that the error names, with the command that exports it."""
     out = tmp_path / "out"
     (out / "final").mkdir(parents=True)
     (out / "final" / "stale.txt").write_text("from an older run")
-    fit(TinyModule(tiny_model_dir), train_file, tmp_path, [HubExport(out)], max_steps=1)
+    fit(TinyModule(tiny_model_dir), train_file, tmp_path, [HubExport(out, overwrite=True)], max_steps=1)
     assert os.listdir(out) == ["final"]
     assert not (out / "final" / "stale.txt").exists() and (out / "final" / "model.safetensors").is_file()
     before = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
@@ -249,10 +257,108 @@ def test_atomic_replace_and_failed_write(tiny_model_dir, train_file, tmp_path, m
         raise OSError("simulated: no space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
-    with pytest.raises(OSError, match="simulated"):
-        fit(TinyModule(tiny_model_dir, init_seed=1), train_file, tmp_path, [HubExport(out)], max_steps=1)
+    module = TinyModule(tiny_model_dir, init_seed=1)
+    with pytest.raises(OSError, match="simulated") as failure:
+        fit(module, train_file, tmp_path, [HubExport(out, overwrite=True)], max_steps=1)
     assert os.listdir(out) == ["final"]
     assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before
+
+    (rescued,) = tmp_path.glob("hubexport-rescue-step1-*.ckpt")  # in trainer.default_root_dir
+    message = str(failure.value)
+    assert f"saved as a Lightning checkpoint in {rescued}" in message
+    assert (
+        f"lit-posttrain export --config YOUR_TRAINING_CONFIG.yaml --ckpt {rescued} --out {out / 'final'}"
+        in message
+    )
+    saved = torch.load(rescued, weights_only=True)["state_dict"]
+    trained = module.state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+
+
+def test_existing_final_export_is_not_replaced(tiny_model_dir, train_file, tmp_path):
+    """A run whose dirpath already holds final/ fails at setup, before any step, naming the path and the ways
+    out; the default dirpath is per logger version, so two runs there both export."""
+    out = tmp_path / "out"
+    fit(TinyModule(tiny_model_dir), train_file, tmp_path, [HubExport(out)], max_steps=1)
+    before = (out / "final" / "model.safetensors").read_bytes()
+    module = TinyModule(tiny_model_dir, init_seed=1)
+    with pytest.raises(ValueError, match="already exists") as failure:
+        fit(module, train_file, tmp_path, [HubExport(out)], max_steps=1)
+    assert module.steps_run == 0 and (out / "final" / "model.safetensors").read_bytes() == before
+    message = str(failure.value)
+    assert str(out / "final") in message and "overwrite: true" in message and "another dirpath" in message
+    assert "leave dirpath unset" in message
+
+    for seed in (0, 1):
+        logger = L.pytorch.loggers.CSVLogger(tmp_path / "logs")
+        fit(
+            TinyModule(tiny_model_dir, init_seed=seed),
+            train_file,
+            tmp_path,
+            [HubExport()],
+            max_steps=1,
+            logger=logger,
+        )
+    versions = tmp_path / "logs" / "lightning_logs"
+    assert all(
+        (versions / v / "export" / "final" / "model.safetensors").is_file()
+        for v in ("version_0", "version_1")
+    )
+
+
+class SetToNaN(L.Callback):
+    """Puts a NaN into a weight at the end of training, as a diverged run would (before HubExport exports)."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            pl_module.model.model.norm.weight[0] = float("nan")
+
+
+def test_non_finite_weights_are_never_exported(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    """A model with a NaN weight is neither written nor pushed: the error names how many tensors and the
+    first, and the previous final/ stays byte for byte."""
+    out = tmp_path / "out"
+    fit(TinyModule(tiny_model_dir), train_file, tmp_path, [HubExport(out)], max_steps=1)
+    before = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(hub_export_module, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    export = HubExport(out, overwrite=True, push_to_hub=True, hub_repo_id="me/tiny")
+    non_finite = r"1 of \d+ weight tensors hold NaN or Inf values \(the first: model.norm.weight\)"
+    with pytest.raises(FloatingPointError, match=non_finite):
+        fit(TinyModule(tiny_model_dir, init_seed=1), train_file, tmp_path, [SetToNaN(), export], max_steps=1)
+    assert os.listdir(out) == ["final"]
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before
+    assert FakeHfApi.calls == []
+    assert not list(tmp_path.glob("hubexport-rescue-*"))  # a diverged model is not worth a checkpoint
+
+
+def test_unwritable_export_directory_fails_before_training(tiny_model_dir, train_file, tmp_path):
+    """An export directory that cannot be written fails at setup, before any step (not after training)."""
+    if (
+        os.geteuid() == 0
+    ):  # root writes into a 0o555 directory: a path under a regular file fails for root too
+        (tmp_path / "file.txt").write_text("a file, not a directory")
+        out = tmp_path / "file.txt" / "export"
+    else:
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        out = tmp_path / "read-only" / "export"
+    module = TinyModule(tiny_model_dir)
+    with pytest.raises(
+        OSError, match=r"cannot write to the export directory .*export.*Choose a writable dirpath"
+    ):
+        fit(module, train_file, tmp_path, [HubExport(out)])
+    assert module.steps_run == 0
+
+
+def test_full_disk_fails_before_training(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    """Less free space than ~1.2 x the parameter bytes on the export disk fails before the first step."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    module = TinyModule(tiny_model_dir)
+    with pytest.raises(OSError, match=r"has 0.00 MiB free, the export needs about \d+\.\d+ MiB \(1.2 x"):
+        fit(module, train_file, tmp_path, [HubExport(tmp_path / "out")])
+    assert module.steps_run == 0
 
 
 def test_every_n_train_steps(tiny_model_dir, train_file, tmp_path):
@@ -375,3 +481,27 @@ def test_sequence_classification_round_trip(tiny_model_dir, data_files, tmp_path
     card = (final / "README.md").read_text()
     assert "pipeline_tag: text-classification" in card and "Trained with **Reward modeling**" in card
     assert "AutoModelForSequenceClassification.from_pretrained(" in card
+
+
+def test_card_names_local_paths_by_name(tmp_path, monkeypatch):
+    """In the card a local path (absolute, home, or existing relative) becomes ``local: <last component>``
+    wherever it sits (nested in dicts and lists too); hub ids and plain values stay as they are."""
+    public = hub_export_module._public
+    (tmp_path / "data").mkdir()
+    (tmp_path / "train").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert public(str(tmp_path / "data" / "rows.jsonl")) == "local: rows.jsonl"  # absolute, even if missing
+    assert public("data") == "data" and public("train") == "train"  # a bare name shows no layout: kept
+    assert public("./data") == "local: data" and public("~/models/my-llama") == "local: my-llama"
+    assert (
+        public("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+        and public("trl-lib/ultrafeedback") == "trl-lib/ultrafeedback"
+    )
+    assert public({"paths": [str(tmp_path), "org/model"], "lr": 0.1}) == {
+        "paths": [f"local: {tmp_path.name}", "org/model"],
+        "lr": 0.1,
+    }
+    assert public(LoRAConfig(target_modules=["q_proj"])) == {
+        **dataclasses.asdict(LoRAConfig()),
+        "target_modules": ["q_proj"],
+    }

@@ -56,7 +56,7 @@ def test_quickstart_config_runs_on_two_processes(method, strategy, tmp_path):
         command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    export = tmp_path / "outputs" / f"quickstart-{method}" / "export" / "final"
+    (export,) = (tmp_path / "outputs" / f"quickstart-{method}").glob("lightning_logs/version_*/export/final")
     assert sorted(p.name for p in export.glob("*.safetensors")) == [
         "model.safetensors"
     ]  # one file, not shards
@@ -66,7 +66,7 @@ def test_quickstart_config_runs_on_two_processes(method, strategy, tmp_path):
     assert logits.shape == (1, 3, 128) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "reward", "grpo", "rloo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "reward", "grpo", "rloo", "kto"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_same_loss_curve_as_one_process(method, strategy, single_runs, multi_runs):
     """Every logged training metric of 4 steps on 2 processes x batch b equals the 1-process run
@@ -100,7 +100,7 @@ def test_same_loss_curve_as_one_process(method, strategy, single_runs, multi_run
             torch.testing.assert_close(weight, ddp[name], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "reward", "grpo", "rloo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "reward", "grpo", "rloo", "kto"])
 def test_sharded_export_equals_gathered_weights(method, multi_runs):
     """HubExport of an FSDP2 run (DTensor shards gathered one tensor at a time) writes exactly the
     weights PyTorch's own ``get_model_state_dict(full_state_dict=True)`` gathers, with plain
@@ -114,6 +114,18 @@ def test_sharded_export_equals_gathered_weights(method, multi_runs):
         assert torch.equal(weight, gathered[name]), name
     if "lm_head.weight" in gathered:  # causal LMs (the reward model has a score head instead)
         assert torch.equal(gathered["lm_head.weight"], gathered["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_kto_reference_point_is_reduced_over_ranks(strategy, single_runs, multi_runs):
+    """KTO's z_ref (``train/kl``) is 0 at the first step (policy == reference) and positive later, and on 2
+    processes x 2 micro-batches it is the 1-process value: the mean over all 16 mismatched rows of the step, not
+    a per-rank or per-micro-batch one (rtol 1e-4)."""
+    single, multi = metrics(single_runs / "kto_single"), metrics(multi_runs / f"kto_{strategy}")
+    kls = [float(single[step]["train/kl"]) for step in sorted(single)]
+    assert kls[0] == 0.0 and kls[-1] > 0.01, kls
+    for step in single:
+        assert math.isclose(float(multi[step]["train/kl"]), float(single[step]["train/kl"]), rel_tol=RTOL, abs_tol=1e-6)
 
 
 def test_generation_lockstep_with_uneven_completion_lengths(multi_runs):

@@ -38,14 +38,15 @@ def run(name: str, out: Path) -> None:
     command = [sys.executable, "-m", "lit_posttrain", "fit", "--config", f"configs/quickstart/{name}.yaml"]
     subprocess.run(command + OVERRIDES, cwd=out, env=env, check=True)
     run_dir = out / "outputs" / f"quickstart-{name}"
-    (metrics_csv,) = run_dir.glob("lightning_logs/version_*/metrics.csv")
+    (log_dir,) = run_dir.glob("lightning_logs/version_*")
+    metrics_csv = log_dir / "metrics.csv"
     rows = list(csv.DictReader(metrics_csv.open()))
     columns = sorted({column for row in rows for column in row})
     with (out / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    tensors = load_file(run_dir / "export" / "final" / "model.safetensors")
+    tensors = load_file(log_dir / "export" / "final" / "model.safetensors")  # HubExport's default dirpath
     digests = {
         key: hashlib.sha256(tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy()).hexdigest()
         for key, tensor in sorted(tensors.items())
