@@ -18,6 +18,7 @@ from lit_posttrain.stable.sft import DataCollatorForLanguageModeling, SFTDataMod
 from lit_posttrain.stable.grpo import GRPODataModule, GRPOModule, group_advantages, grpo_loss
 from lit_posttrain.stable.rloo import RLOODataModule, RLOOModule, rloo_advantages
 from lit_posttrain.stable.reward import RewardDataModule, RewardModule, reward_loss
+from lit_posttrain.stable.kto import DataCollatorForUnpairedPreference, KTODataModule, KTOModule, kto_kl, kto_loss
 
 __all__ = [
     "LitPosttrainExperimentalWarning",
@@ -32,6 +33,11 @@ __all__ = [
     "DPODataModule",
     "DPOModule",
     "dpo_loss",
+    "DataCollatorForUnpairedPreference",
+    "KTODataModule",
+    "KTOModule",
+    "kto_kl",
+    "kto_loss",
     "RewardDataModule",
     "RewardModule",
     "reward_loss",

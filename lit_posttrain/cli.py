@@ -68,7 +68,11 @@ Methods (model.class_path / data.class_path):
   lit_posttrain.RewardModule / RewardDataModule   reward modeling (Bradley-Terry)
   lit_posttrain.GRPOModule / GRPODataModule       online RL, group-relative advantages
   lit_posttrain.RLOOModule / RLOODataModule       online RL, leave-one-out baselines
-  experimental: lit_posttrain.experimental.<method>.<Method>Module
+  lit_posttrain.KTOModule / KTODataModule         unpaired preferences (desirable / undesirable)
+  experimental (lit_posttrain.experimental.<file>.<Method>Module, warn on import):
+    orpo.ORPOModule   odds-ratio preference optimization, no reference model
+    cpo.CPOModule     contrastive preference optimization; SimPO and AlphaPO as loss types
+    bco.BCOModule     binary classifier optimization, unpaired
 
 Quickstarts (CPU, tiny local model, a few minutes each): configs/quickstart/*.yaml
 Options of a method: lit-posttrain fit --model.help lit_posttrain.GRPOModule

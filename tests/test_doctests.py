@@ -15,7 +15,7 @@ MODULES = sorted(
 )
 # each method file's collator shows an input -> output example
 WITH_EXAMPLES = ["lit_posttrain.stable.sft", "lit_posttrain.stable.dpo", "lit_posttrain.stable.reward",
-                 "lit_posttrain.stable.grpo", "lit_posttrain.stable.rloo"]  # fmt: skip
+                 "lit_posttrain.stable.grpo", "lit_posttrain.stable.rloo", "lit_posttrain.stable.kto"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -34,6 +34,9 @@ MULTI_RUNS = [
     {"name": "reward_fsdp2", "method": "reward", "strategy": "fsdp2", "devices": 2, "batch_size": 4},
     {"name": "rloo_ddp", "method": "rloo", "strategy": "ddp", "devices": 2, "batch_size": 2, "rollout": "per_prompt"},
     {"name": "rloo_fsdp2", "method": "rloo", "strategy": "fsdp2", "devices": 2, "batch_size": 2, "rollout": "per_prompt"},
+    # KTO with accumulation: the reference point z_ref is the mean over both micro-batches and both ranks
+    {"name": "kto_ddp", "method": "kto", "strategy": "ddp", "devices": 2, "batch_size": 4, "accumulate": 2},
+    {"name": "kto_fsdp2", "method": "kto", "strategy": "fsdp2", "devices": 2, "batch_size": 4, "accumulate": 2},
     # rank 0's completions all end after one token, rank 1's run to max_completion_length
     {"name": "grpo_fsdp2_uneven", "method": "grpo", "strategy": "fsdp2", "devices": 2, "batch_size": 2,
      "max_steps": 2, "uneven_eos": True, "export": False},
@@ -47,6 +50,7 @@ SINGLE_RUNS = [
     {"name": "reward_single", "method": "reward", "batch_size": 8},
     {"name": "grpo_single", "method": "grpo", "batch_size": 4, "rollout": "per_prompt"},
     {"name": "rloo_single", "method": "rloo", "batch_size": 4, "rollout": "per_prompt"},
+    {"name": "kto_single", "method": "kto", "batch_size": 8, "accumulate": 2},
 ]
 
 

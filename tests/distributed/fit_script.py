@@ -28,7 +28,9 @@ by the prompt, so completions do not depend on which process or batch the prompt
 what lets a 2-process run be compared with a 1-process run); ``uneven_eos`` (GRPO: every token
 ends a completion on rank 0 only); ``steps_per_generation`` (GRPO / RLOO); ``dpo_loss_type`` and
 ``precompute_ref_logps`` (DPO); ``num_rows`` (first rows of the training file only); ``lr``;
-``export`` (HubExport).
+``export`` (HubExport). ``method`` kto (mostly desirable unpaired rows built from the preference
+pairs, so that KTO's reference point is positive) and bco (the pairs, unpaired) take ``accumulate``,
+``precompute_ref_logps`` and ``num_rows`` too.
 """
 
 from __future__ import annotations
@@ -144,6 +146,34 @@ def build(run: dict):
         )
         train_data = rows(DATA / "preference" / "train.jsonl", run["num_rows"])
         data = DPODataModule(TINY_MODEL, train_data=train_data, batch_size=batch_size, max_length=32)
+        callbacks.append(ReferenceModel(precompute_ref_logps=run["precompute_ref_logps"]))
+    elif method == "kto":
+        from lit_posttrain.callbacks import ReferenceModel
+        from lit_posttrain.stable.kto import KTODataModule, KTOModule
+
+        lr = run["lr"] or 1e-3
+        # mostly desirable rows (every pair's chosen, every third pair's rejected), which raises the
+        # mismatched rows' log-ratios too: z_ref > 0, so its reduction over ranks shows in the loss;
+        # desirable_weight 0.4 puts 0.4 * 3 / 1 = 1.2 inside the paper's [1, 4/3]
+        pairs = [json.loads(line) for line in (DATA / "preference" / "train.jsonl").read_text().splitlines()]
+        train_data = []
+        for i, pair in enumerate(pairs[: run["num_rows"] or 512]):
+            train_data.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+            if i % 3 == 0:
+                train_data.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+        module = KTOModule(
+            TINY_MODEL, random_init=True, desirable_weight=0.4, optimizer=lambda p: torch.optim.AdamW(p, lr=lr)
+        )
+        data = KTODataModule(TINY_MODEL, train_data=train_data, batch_size=batch_size, max_length=32)
+        callbacks.append(ReferenceModel(precompute_ref_logps=run["precompute_ref_logps"]))
+    elif method == "bco":
+        from lit_posttrain.callbacks import ReferenceModel
+        from lit_posttrain.experimental.bco import BCODataModule, BCOModule
+
+        lr = run["lr"] or 1e-3
+        module = BCOModule(TINY_MODEL, random_init=True, optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
+        train_data = rows(DATA / "preference" / "train.jsonl", run["num_rows"])  # pairs, unpaired by the DataModule
+        data = BCODataModule(TINY_MODEL, train_data=train_data, batch_size=batch_size, max_length=32)
         callbacks.append(ReferenceModel(precompute_ref_logps=run["precompute_ref_logps"]))
     elif method == "reward":
         from lit_posttrain import RewardDataModule, RewardModule

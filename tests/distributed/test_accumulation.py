@@ -37,6 +37,13 @@ PAIR_ROWS = [
     {"prompt": "7+7=", "chosen": "14", "rejected": "1444"},
     {"prompt": "30+12=", "chosen": "42", "rejected": "402"},
 ]
+# KTO: 3 of 4 rows desirable, so the reference point z_ref of the second step is positive
+KTO_ROWS = [
+    {"prompt": "1+2=", "completion": "3", "label": True},
+    {"prompt": "14+25=", "completion": "39", "label": True},
+    {"prompt": "7+7=", "completion": "1444", "label": False},
+    {"prompt": "30+12=", "completion": "42", "label": True},
+]
 
 
 def _fit(module, datamodule, tmp_path, name, **trainer_kwargs):
@@ -86,13 +93,23 @@ def _build(method, tiny_model_dir, batch_size):
         return module, DPODataModule(
             tiny_model_dir, train_data=PAIR_ROWS, batch_size=batch_size, max_length=32
         )
+    if method == "kto":
+        from lit_posttrain.stable.kto import KTODataModule, KTOModule
+
+        module = KTOModule(tiny_model_dir, random_init=True, beta=1.0, desirable_weight=0.4, optimizer=sgd)
+        return module, KTODataModule(tiny_model_dir, train_data=KTO_ROWS, batch_size=batch_size, max_length=32)
+    if method == "bco":
+        from lit_posttrain.experimental.bco import BCODataModule, BCOModule
+
+        module = BCOModule(tiny_model_dir, random_init=True, beta=1.0, optimizer=sgd)
+        return module, BCODataModule(tiny_model_dir, train_data=KTO_ROWS, batch_size=batch_size, max_length=32)
     module = RewardModule(tiny_model_dir, random_init=True, optimizer=sgd)
     return module, RewardDataModule(
         tiny_model_dir, train_data=PAIR_ROWS, batch_size=batch_size, max_length=32
     )
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "reward"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "reward", "kto", "bco"])
 def test_accumulation_4x1_equals_1x4(method, tiny_model_dir, tmp_path):
     """2 optimizer steps (2 epochs of the 4 examples) of batch 4 x accumulation 1 and batch 1 x
     accumulation 4 give the same parameters and log the same loss and metrics at every step."""
@@ -114,6 +131,9 @@ def test_accumulation_4x1_equals_1x4(method, tiny_model_dir, tmp_path):
     )
     assert not torch.allclose(runs[0][0], initial)  # the steps did something
     _assert_same(*runs)
+    if method in ("kto", "bco"):  # the whole step's z_ref / delta, taken at its first micro-batch
+        name = "train/kl" if method == "kto" else "train/delta"
+        assert abs(runs[0][1][1][name]) > 0.01, runs[0][1][1]
 
 
 def test_grpo_micro_batches_do_not_change_update_or_metrics(tiny_model_dir, tmp_path):

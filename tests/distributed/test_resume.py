@@ -26,6 +26,10 @@ SINGLE = {
             "precompute_ref_logps": True, "dpo_loss_type": ["sigmoid", "bco_pair"]},
     # two optimizer steps per generation batch: shuffled mini-batches draw from the module's generator too
     "grpo": {"method": "grpo", "batch_size": 4, "steps_per_generation": 2, "max_steps": 8, "kill_at": 4},
+    # BCO's reward shift delta (checkpointed buffers), accumulation 2 (the step's first micro-batch
+    # adds the other's rewards), precomputed reference log-probs
+    "bco": {"method": "bco", "batch_size": 8, "accumulate": 2, "max_steps": 6, "kill_at": 3, "num_rows": 256,
+            "precompute_ref_logps": True},
 }  # fmt: skip
 
 
@@ -63,7 +67,7 @@ def _assert_same_run(full_dir, resumed_dir, num_rows: int, kill_row: int):
         assert torch.equal(resumed_weights[name], weight), name
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo", "bco"])
 def test_killed_and_resumed_equals_uninterrupted(method, single_process_runs):
     """One process: kill -9 after optimizer step ``kill_at`` (mid-epoch), resume from ``last``:
     final weights bit-identical, every logged metric identical."""
@@ -71,6 +75,16 @@ def test_killed_and_resumed_equals_uninterrupted(method, single_process_runs):
     per_row = run.get("steps_per_generation", 1)  # GRPO logs one row per generation batch
     full, resumed = single_process_runs / f"{method}_full", single_process_runs / f"{method}_resumed"
     _assert_same_run(full, resumed, run["max_steps"] // per_row, run["kill_at"] // per_row)
+
+
+def test_bco_delta_resumes_exactly(single_process_runs):
+    """BCO's delta after the kill (steps 3-5, logged by the resumed run) is bit-identical to the uninterrupted
+    run's and keeps moving: the resumed run started from the checkpointed running mean, not from 0."""
+    full, resumed = metrics(single_process_runs / "bco_full"), metrics(single_process_runs / "bco_resumed")
+    deltas = [resumed[step]["train/delta"] for step in (3, 4, 5)]
+    assert deltas == [full[step]["train/delta"] for step in (3, 4, 5)]
+    # step 0: policy == reference, rewards 0 up to the rounding of differently padded batches
+    assert len(set(deltas)) == 3 and abs(float(full[0]["train/delta"])) < 1e-5 < abs(float(deltas[-1]))
 
 
 def test_fsdp2_grpo_killed_and_resumed_equals_uninterrupted(multi_runs):
