@@ -42,9 +42,10 @@ Training loop (manual optimization; one ``training_step`` = one generation batch
 So ``trainer.max_steps`` counts optimizer steps (``num_iterations * steps_per_generation`` per
 generation batch) and the logged ``step`` counts generation batches. Lightning's
 ``accumulate_grad_batches`` and ``gradient_clip_val`` do not apply to manual optimization: use
-``micro_batch_size`` and ``max_grad_norm``. With ``num_iterations=1`` and
-``steps_per_generation=1`` the old log-probs are the detached current ones (the ratio is exactly 1);
-otherwise they are computed once after generation, before the first update.
+``micro_batch_size`` and ``max_grad_norm`` (setting them raises a ValueError that says so).
+With ``num_iterations=1`` and ``steps_per_generation=1`` the old log-probs are the detached current
+ones (the ratio is exactly 1); otherwise they are computed once after generation, before the first
+update.
 
 Rollout engine contract (`lit_posttrain.rollout`): ``self.rollout`` is `HFRollout` by default. An
 engine that replaces it (the vLLM callback) is called once at the start of every
@@ -63,20 +64,27 @@ Supports: plain and conversational prompts (chat template with ``add_generation_
 dataset columns passed to reward functions, several weighted reward functions (callables or a
 `lit_posttrain.rewards.model.RewardModelScorer`), LoRA (the reference is the base model with the
 adapters disabled), ``mask_truncated_completions``, ``top_entropy_quantile``, DDP and FSDP2.
-Assumes: a tokenizer with a pad token; reward functions that accept ``**kwargs``.
+Assumes: a tokenizer with a pad token. Reward functions are called with keywords as TRL calls them
+(``prompts=, completions=, completion_ids=, trainer_state=`` and every dataset column, see
+`lit_posttrain.rewards.score_completions`); `check_reward_funcs` checks their signatures in
+``__init__`` (before the model loads) and again in ``setup`` against the DataModule's columns.
 
     lit-posttrain fit --config configs/quickstart/grpo.yaml
 """
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.fsdp import fully_shard
 from torchmetrics import MeanMetric
@@ -93,9 +101,10 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, masked_mean, pad, selective_log_softmax
-from lit_posttrain.rewards import reward_func_name, score_completions
+from lit_posttrain.ops import entropy_from_logits, grad_norm, masked_mean, pad, selective_log_softmax
+from lit_posttrain.rewards import TrainerState, check_reward_funcs, reward_func_name, score_completions
 from lit_posttrain.rollout import HFRollout, RolloutOutput, sampling_rng
+from lit_posttrain.schedulers import WarmupDecayLR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,8 +562,17 @@ class GRPOModule(L.LightningModule):
         vllm_importance_sampling_mode: ``truncate`` weights at the cap, or ``mask`` (zero) above it.
         vllm_importance_sampling_cap: the cap C of the weights (TRL's default 3.0).
         max_grad_norm: clip the gradient norm at each optimizer step (None: no clipping).
+        log_completions: log a table of sampled completions every ``trainer.log_every_n_steps``
+            generation batches (TRL's option): one row per completion with ``step`` (optimizer steps
+            so far), ``prompt``, ``completion``, each reward function's value (None where it does not
+            apply) and ``advantage``. Written to ``<trainer.log_dir>/completions.jsonl``, and to the
+            logger as a ``wandb.Table`` (`WandbLogger`, key ``completions``) or as text
+            (`TensorBoardLogger`, tag ``completions``). Rank 0's samples, from rank 0.
+        num_completions_to_print: rows per table (the first ones of the generation batch); None: all.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
-        lr_scheduler: LR scheduler factory, stepped every optimizer step.
+        lr_scheduler: LR scheduler factory, stepped every optimizer step. A
+            `lit_posttrain.schedulers.WarmupDecayLR` without ``num_training_steps`` gets the run's
+            optimizer steps.
 
     Metrics (``train/``, one row per generation batch, over every rank's samples):
         ``reward``, ``reward_std`` (the mean of the groups' std), ``frac_reward_zero_std``,
@@ -564,7 +582,8 @@ class GRPOModule(L.LightningModule):
         with ``beta > 0``, ``kl``: the k3 estimate of KL(pi_theta || pi_ref) per completion token,
         measured at update time (the policy being trained, averaged over the updates); with an engine
         that reports log-probs (vLLM), ``sampling/logp_diff/mean|max`` and
-        ``sampling/importance_ratio/min|mean|max``. Validation: ``val/reward``,
+        ``sampling/importance_ratio/min|mean|max``; ``grad_norm`` (before clipping, as TRL logs it)
+        and ``learning_rate`` of the generation batch's last optimizer step. Validation: ``val/reward``,
         ``val/rewards/<function>/mean``, ``val/completions/mean_length`` (greedy, one per prompt).
     """
 
@@ -607,6 +626,8 @@ class GRPOModule(L.LightningModule):
         vllm_importance_sampling_mode: Literal["truncate", "mask"] = "truncate",
         vllm_importance_sampling_cap: float = 3.0,
         max_grad_norm: float | None = 1.0,
+        log_completions: bool = False,
+        num_completions_to_print: int | None = None,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -615,6 +636,8 @@ class GRPOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs"])
         if not reward_funcs:
             raise ValueError("reward_funcs: give at least one reward function")
+        # signatures now, before the model loads; the dataset columns are checked in setup
+        check_reward_funcs(reward_funcs, columns=None)
         if reward_weights is not None and len(reward_weights) != len(reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(reward_weights)} values for {len(reward_funcs)} reward_funcs"
@@ -647,6 +670,8 @@ class GRPOModule(L.LightningModule):
             )
         if vllm_importance_sampling_cap < 1.0:
             raise ValueError(f"vllm_importance_sampling_cap must be >= 1, got {vllm_importance_sampling_cap}")
+        if num_completions_to_print is not None and num_completions_to_print < 1:
+            raise ValueError(f"num_completions_to_print must be >= 1 or None, got {num_completions_to_print}")
         for name, value in [
             ("num_iterations", num_iterations),
             ("steps_per_generation", steps_per_generation),
@@ -688,6 +713,7 @@ class GRPOModule(L.LightningModule):
         self.vllm_importance_sampling_mode = vllm_importance_sampling_mode
         self.vllm_importance_sampling_cap = vllm_importance_sampling_cap
         self.max_grad_norm = max_grad_norm
+        self.log_completions, self.num_completions_to_print = log_completions, num_completions_to_print
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.automatic_optimization = False  # generation, then num_iterations x steps_per_generation steps
         self.num_tokens = 0  # prompt + completion tokens trained on, all ranks (saved in checkpoints)
@@ -740,8 +766,9 @@ class GRPOModule(L.LightningModule):
         # 3. score every completion with every reward function, NaN where one does not apply
         prompts, completions, columns = self._reward_inputs(batch, rollout)
         rewards_per_func = score_completions(
-            self.reward_funcs, prompts, completions, completion_ids=rollout.completion_ids, columns=columns
-        ).to(self.device)  # (N, F)
+            self.reward_funcs, prompts, completions, completion_ids=rollout.completion_ids, columns=columns,
+            trainer_state=self._trainer_state(),
+        ).to(self.device)  # (N, F) fmt: skip
         # 4. combine: the weighted sum over the functions, NaN where none applies
         rewards = self._combine(rewards_per_func)  # (N,)
         # 5. old and reference log-probs (no grad); old = detached current (ratio exactly 1) when on policy
@@ -780,6 +807,10 @@ class GRPOModule(L.LightningModule):
         for name, value in metrics.items():
             self.log(f"train/{name}", value, prog_bar=name in ("reward", "loss"))
         self.log("train/num_tokens", float(self.num_tokens))
+        # 10. every log_every_n_steps generation batches, a table of sampled completions (log_completions)
+        num_batches = self.global_step // self._steps_per_batch()  # generation batches, this one included
+        if self.log_completions and num_batches % self.trainer.log_every_n_steps == 0:
+            self._log_completion_table(prompts, completions, rewards_per_func, advantages)
 
     def validation_step(self, batch, batch_idx):
         rollout = self.rollout.generate(
@@ -796,6 +827,7 @@ class GRPOModule(L.LightningModule):
             completions,
             completion_ids=rollout.completion_ids,
             columns=batch["columns"],
+            trainer_state=self._trainer_state(),
         )  # (N, F)
         self.val_reward.update(self._combine(rewards_per_func))
         for metric, values in zip(self.val_rewards_per_func, rewards_per_func.T):
@@ -812,12 +844,23 @@ class GRPOModule(L.LightningModule):
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler is None:
             return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
-        }
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.num_training_steps is None:
+            # estimated_stepping_batches counts generation batches (training_step calls), capped at
+            # max_steps, which counts optimizer steps; each generation batch makes num_iterations x
+            # steps_per_generation optimizer steps: scale the count, then cap it at max_steps again
+            num_steps = self.trainer.estimated_stepping_batches * self._steps_per_batch()
+            if self.trainer.max_steps != -1:
+                num_steps = min(num_steps, self.trainer.max_steps)
+            scheduler.set_num_training_steps(num_steps)  # the run's optimizer steps
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
+        # the reward functions against the dataset's columns (the DataModule has set up by now)
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, GRPODataModule) and datamodule.train_examples:
+            columns = [c for c in datamodule.train_examples[0] if c not in ("prompt", "prompt_ids")]
+            check_reward_funcs(self.reward_funcs, columns=columns)
         # sampling (generation, mini-batch shuffling) draws from this rank's own RNG stream, seeded
         # from the global seed (seed_everything) and the rank; it is saved in checkpoints (Lightning
         # does not save the global RNG), so a resumed run samples what the uninterrupted one would
@@ -825,6 +868,19 @@ class GRPOModule(L.LightningModule):
         self.generator.manual_seed(torch.initial_seed() + self.global_rank)
 
     def configure_callbacks(self):
+        # Lightning rejects these options under manual optimization with a generic error, and checks
+        # them after this hook but before setup: name our options here, the last hook before its check
+        if self.trainer.state.fn == "fit" and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"{self.METHOD}: trainer.accumulate_grad_batches ({self.trainer.accumulate_grad_batches}) "
+                "does not apply (manual optimization): accumulate gradients over micro-batches with "
+                "model.init_args.micro_batch_size (completions per forward/backward) instead"
+            )
+        if self.trainer.state.fn == "fit" and self.trainer.gradient_clip_val:
+            raise ValueError(
+                f"{self.METHOD}: trainer.gradient_clip_val ({self.trainer.gradient_clip_val}) does not apply "
+                "(manual optimization): clip with model.init_args.max_grad_norm instead"
+            )
         # beta > 0 needs a reference: the user's ReferenceModel callback, else one with defaults
         if self.beta == 0.0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
             return []
@@ -906,6 +962,16 @@ class GRPOModule(L.LightningModule):
             name: [value for value in values for _ in range(G)] for name, values in batch["columns"].items()
         }
         return prompts, self._completions(prompts, rollout), columns
+
+    def _trainer_state(self) -> TrainerState:
+        """The training progress reward functions see (``trainer_state=``, TRL's field names)."""
+        return TrainerState(
+            global_step=self.global_step, epoch=self.current_epoch, max_steps=self.trainer.max_steps
+        )
+
+    def _steps_per_batch(self) -> int:
+        """Optimizer steps per generation batch."""
+        return self.num_iterations * self.steps_per_generation
 
     def _completions(self, prompts: list, rollout: RolloutOutput) -> list:
         """Completions as reward functions see them: strings, or an assistant message for chat prompts."""
@@ -1046,6 +1112,10 @@ class GRPOModule(L.LightningModule):
 
     def _optimizer_step(self, optimizer, lr_scheduler) -> None:
         """Clip the gradient norm to ``max_grad_norm``, step the optimizer, zero the grads, step the LR."""
+        # TRL's grad_norm (before clipping: Lightning calls on_before_optimizer_step inside
+        # optimizer.step(), after it) and learning_rate; a collective under FSDP2, so on every rank
+        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
         if self.max_grad_norm is not None:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
@@ -1090,6 +1160,44 @@ class GRPOModule(L.LightningModule):
         sums = [torch.stack([weighted[name] for weighted in weighted_metrics]).sum(0) for name in names]
         totals = self.trainer.strategy.reduce(torch.stack(sums), reduce_op="sum")  # (metrics, 2)
         return {name: value_sum / weight.clamp(min=1) for name, (value_sum, weight) in zip(names, totals)}
+
+    def _log_completion_table(
+        self, prompts: list, completions: list, rewards_per_func: torch.Tensor, advantages: torch.Tensor
+    ) -> None:
+        """Rank 0's samples as rows (step, prompt, completion, each reward function, advantage): appended
+        to ``<log_dir>/completions.jsonl``, and to the logger as a wandb.Table or TensorBoard text."""
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast: on every rank
+        if not self.trainer.is_global_zero:
+            return
+        num_rows = self.num_completions_to_print or len(completions)
+        rewards = rewards_per_func.cpu().tolist()  # (N, F), NaN where a function does not apply
+        rows = [
+            {
+                "step": self.global_step,
+                "prompt": prompts[i],
+                "completion": completions[i],
+                **{name: None if math.isnan(r) else r for name, r in zip(self.reward_func_names, rewards[i])},
+                "advantage": float(advantages[i]),
+            }
+            for i in range(min(num_rows, len(completions)))
+        ]
+        path = Path(log_dir) / "completions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+        columns = list(rows[0])
+        # chat prompts and completions are lists of messages: a table cell shows them as JSON
+        cells = [[v if isinstance(v, str | int | float | None) else json.dumps(v) for v in row.values()]
+                 for row in rows]  # fmt: skip
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="completions", columns=columns, data=cells)
+            elif isinstance(logger, TensorBoardLogger):  # a markdown table
+                lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+                for row in cells:
+                    texts = [str(v).replace("|", "\\|").replace("\n", " ") for v in row]
+                    lines.append("| " + " | ".join(texts) + " |")
+                logger.experiment.add_text("completions", "\n".join(lines), global_step=self.global_step)
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
 """GRPO: advantages, loss variants (hand-derived), the training loop, and a learning signal."""
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -230,12 +231,11 @@ def _fit(module, datamodule, max_steps, callbacks=(), **trainer_kwargs):
     trainer = L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
-        logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=list(callbacks),
-        **trainer_kwargs,
+        **{"logger": False, **trainer_kwargs},
     )
     trainer.fit(module, datamodule)
     return trainer
@@ -527,3 +527,202 @@ def test_splits_and_dataset_config_reach_the_loader(tiny_model_dir, monkeypatch)
     calls.clear()
     GRPODataModule(tiny_model_dir, "org/data", val_data="org/data", dataset_split="train_x").setup("fit")
     assert [split for _, split, _, _ in calls] == ["train_x", "train_x"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a TRL user expects on day one (issue 16)
+# ---------------------------------------------------------------------------------------------
+def _quickstart_args(tmp_path, *extra: str) -> list[str]:
+    """The GRPO quickstart shortened to 2 small generation batches, logging under tmp_path."""
+    return [
+        "fit", "--config", "configs/quickstart/grpo.yaml",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.callbacks", "[]", "--data.init_args.batch_size", "2", "--model.init_args.num_generations", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_trl_documented_reward_functions_train_through_the_cli(tmp_path, monkeypatch):
+    """TRL's documented `reward_len(completions, **kwargs)` and `reward_func(completions, ground_truth, **kwargs)`
+    (the data's answer column mapped to ground_truth) train unchanged from the command line."""
+    from lit_posttrain.cli import cli_main
+
+    monkeypatch.chdir(ROOT)
+    cli = cli_main(
+        _quickstart_args(
+            tmp_path,
+            "--model.init_args.reward_funcs+=tests.helpers.trl_rewards.reward_len",
+            "--model.init_args.reward_funcs+=tests.helpers.trl_rewards.reward_func",
+            "--data.init_args.columns", "{ground_truth: answer}",
+        ),  # fmt: skip
+        run=True,
+    )
+    assert cli.trainer.global_step == 2
+    assert cli.model.reward_func_names == ["PatternFractionReward", "reward_len", "reward_func"]
+    metrics = cli.trainer.callback_metrics
+    assert metrics["train/rewards/reward_len/mean"] <= 0  # -|20 - len|
+    assert metrics["train/rewards/reward_func/mean"] == 0  # a random model writes no \boxed{...}
+
+
+def test_reward_functions_get_the_trainer_state_and_columns(tiny_model_dir):
+    """Through the Python API, TRL's documented reward functions train unchanged, and a reward function
+    is given trainer_state (global_step = optimizer steps before the generation batch, max_steps)."""
+    from tests.helpers.trl_rewards import reward_func, reward_len
+
+    seen = []
+
+    def progress_reward(completions, trainer_state, **kwargs):
+        seen.append((trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch))
+        return [0.0 for _ in completions]
+
+    rows = [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(4)]
+    module = GRPOModule(
+        tiny_model_dir,
+        random_init=True,
+        reward_funcs=[reward_len, reward_func, progress_reward],
+        num_generations=2,
+        max_completion_length=4,
+    )
+    datamodule = GRPODataModule(tiny_model_dir, rows, batch_size=2, columns={"ground_truth": "answer"})
+    trainer = _fit(module, datamodule, max_steps=2)
+    assert seen == [(0, 2, 0), (1, 2, 0)]
+    assert trainer.callback_metrics["train/rewards/reward_len/mean"] <= -16  # completions of <= 4 characters
+
+
+def test_unfillable_reward_parameter_fails_before_training(tiny_model_dir):
+    """A reward function whose required parameter no keyword fills fails naming the function and the
+    parameter: a positional-only one at construction, a missing column in setup, before any step."""
+
+    def positional(prompts, completions, /, **kwargs):
+        return [0.0 for _ in completions]
+
+    with pytest.raises(TypeError, match="'positional'.*'prompts'"):
+        GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[positional])
+
+    def needs_solution(completions, solution, **kwargs):
+        return [0.0 for _ in completions]
+
+    module = GRPOModule(tiny_model_dir, random_init=True, reward_funcs=[needs_solution], num_generations=2)
+    rows = [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(4)]
+    record = _Record()
+    with pytest.raises(TypeError, match="'needs_solution' needs parameter 'solution'.*answer"):
+        _fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=2), max_steps=1, callbacks=[record])
+    assert module.global_step == 0 and record.history == []
+
+
+def character_codes(completions, **kwargs):
+    """A reward that differs between different completions, so advantages (and gradients) are not 0."""
+    return [float(sum(map(ord, completion))) for completion in completions]
+
+
+class _GradNormAfterClipping(L.Callback):
+    """The gradient norm Lightning's on_before_optimizer_step sees (inside optimizer.step(), after clipping)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+def test_grad_norm_is_logged_before_clipping(tiny_model_dir):
+    """train/grad_norm is the norm before clipping: clipping to 1e-3 scales it by 1e-3 / (norm + 1e-6)."""
+    L.seed_everything(0)
+    rows = [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(4)]
+    module = GRPOModule(
+        tiny_model_dir, random_init=True, reward_funcs=[character_codes], num_generations=4, max_completion_length=6,
+        max_grad_norm=1e-3,
+    )  # fmt: skip
+    record, after = _Record(), _GradNormAfterClipping()
+    _fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=2), max_steps=2, callbacks=[record, after])
+    for step, clipped in zip(record.history, after.norms, strict=True):
+        norm = step["train/grad_norm"]
+        assert math.isfinite(norm) and norm > 1e-3
+        assert clipped == pytest.approx(norm * 1e-3 / (norm + 1e-6), rel=1e-4)
+
+
+def test_learning_rate_and_warmup_decay_count_optimizer_steps(tiny_model_dir):
+    """One epoch of 2 generation batches x num_iterations 2 = 4 optimizer steps: WarmupDecayLR (linear, from
+    0.1) gets 4, and train/learning_rate logs each batch's last step's rate: 0.1 x (1 - 1/4), 0.1 x (1 - 3/4)."""
+    from lit_posttrain.schedulers import WarmupDecayLR
+
+    rows = [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(4)]
+    module = GRPOModule(
+        tiny_model_dir, random_init=True, reward_funcs=[character_codes], num_generations=2, max_completion_length=4,
+        num_iterations=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        lr_scheduler=lambda optimizer: WarmupDecayLR(optimizer, decay="linear"),
+    )  # fmt: skip
+    record = _Record()
+    trainer = _fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=2), max_steps=-1, callbacks=[record],
+                   max_epochs=1)  # fmt: skip
+    assert trainer.global_step == 4 and trainer.lr_scheduler_configs[0].scheduler.num_training_steps == 4
+    assert [step["train/learning_rate"] for step in record.history] == pytest.approx([0.075, 0.025])
+    assert all(math.isfinite(step["train/grad_norm"]) for step in record.history)
+
+
+@pytest.mark.parametrize(
+    "option, value, ours",
+    [("accumulate_grad_batches", "2", "model.init_args.micro_batch_size"),
+     ("gradient_clip_val", "1.0", "model.init_args.max_grad_norm")],
+)  # fmt: skip
+def test_lightning_options_that_do_not_apply_name_ours(option, value, ours, tmp_path, monkeypatch):
+    """--trainer.accumulate_grad_batches / --trainer.gradient_clip_val raise a ValueError naming the option
+    and the model option to use instead, not Lightning's generic manual-optimization error."""
+    from lit_posttrain.cli import cli_main
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=rf"trainer\.{option} \({value}\).*{ours}"):
+        cli_main(_quickstart_args(tmp_path, f"--trainer.{option}", value), run=True)
+
+
+def test_log_completions_jsonl_with_the_csv_logger(tiny_model_dir, tmp_path):
+    """log_completions writes <log_dir>/completions.jsonl every log_every_n_steps generation batches: rows
+    of step, prompt, completion, each reward function's value and the advantage, consistent with the rewards."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    rows = [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(8)]
+    module = GRPOModule(
+        tiny_model_dir, random_init=True, reward_funcs=[_digits(), reward_len_kwargs], num_generations=2,
+        max_completion_length=4, log_completions=True, num_completions_to_print=3,
+    )  # fmt: skip
+    logger = CSVLogger(tmp_path)
+    trainer = _fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=2), max_steps=4, logger=logger,
+                   log_every_n_steps=2)  # fmt: skip
+    lines = (Path(trainer.log_dir) / "completions.jsonl").read_text().splitlines()
+    table = [json.loads(line) for line in lines]
+    assert [row["step"] for row in table] == [2, 2, 2, 4, 4, 4]  # generation batches 2 and 4, 3 rows each
+    for row in table:
+        assert list(row) == ["step", "prompt", "completion", "PatternFractionReward", "reward_len_kwargs", "advantage"]
+        digits = sum(c.isdigit() for c in row["completion"]) / max(len(row["completion"]), 1)
+        assert row["PatternFractionReward"] == pytest.approx(digits) or not row["completion"]
+        assert row["reward_len_kwargs"] == -abs(20 - len(row["completion"]))
+        assert math.isfinite(row["advantage"]) and row["prompt"].endswith("+2=")
+
+
+def reward_len_kwargs(completions, **kwargs):
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def test_log_completions_wandb_table_offline(tiny_model_dir, tmp_path, monkeypatch):
+    """With WandbLogger(offline=True) the completions table is logged: the offline run holds its table file."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rows = [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(4)]
+    module = GRPOModule(
+        tiny_model_dir, random_init=True, reward_funcs=[_digits()], num_generations=2, max_completion_length=4,
+        log_completions=True,
+    )  # fmt: skip
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lit-posttrain-tests")
+    try:
+        _fit(module, GRPODataModule(tiny_model_dir, rows, batch_size=2), max_steps=1, logger=logger, log_every_n_steps=1)
+        run_dir = Path(logger.experiment.dir).parent  # .../wandb/offline-run-*/files -> the run
+    finally:
+        logger.experiment.finish()
+    tables = list(run_dir.glob("files/media/table/completions_*.table.json"))
+    assert len(tables) == 1, sorted(p.name for p in run_dir.rglob("*"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["step", "prompt", "completion", "PatternFractionReward", "advantage"]
+    assert len(table["data"]) == 4 and all(row[0] == 1 for row in table["data"])
