@@ -59,6 +59,7 @@ Subcommands:
   fit          train:                 lit-posttrain fit --config configs/quickstart/sft.yaml
   validate     the validation metrics of a model (or a checkpoint with --ckpt_path)
   vllm-serve   a vLLM generation server for VLLMRollout(mode="server")
+  diagnose     a run's health from its metrics.csv: lit-posttrain diagnose outputs/quickstart-grpo
   export       a checkpoint -> a Hugging Face directory: lit-posttrain export --config C --ckpt PATH --out DIR
   (each takes --help)
 

@@ -1,9 +1,9 @@
 """Callbacks own lifecycle pieces (export, reference model, rollout engines, diagnostics); they
 never change a method's math."""
 
-from lit_posttrain.callbacks.diagnostics import LearningSignal
+from lit_posttrain.callbacks.diagnostics import LearningSignal, TrainingDiagnostics
 from lit_posttrain.callbacks.hub_export import HubExport
 from lit_posttrain.callbacks.reference_model import ReferenceModel
 from lit_posttrain.callbacks.vllm_rollout import VLLMRollout
 
-__all__: list[str] = ["LearningSignal", "HubExport", "ReferenceModel", "VLLMRollout"]
+__all__: list[str] = ["LearningSignal", "TrainingDiagnostics", "HubExport", "ReferenceModel", "VLLMRollout"]
