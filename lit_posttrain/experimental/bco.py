@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
 from lit_posttrain.callbacks.reference_model import ReferenceModel, find_reference_model
 from lit_posttrain.data import (
     DataFormatError,
@@ -411,6 +412,8 @@ class BCOModule(L.LightningModule):
         beta: inverse temperature of the implicit reward (higher: stay closer to the reference).
         disable_dropout: set every dropout probability in the model to 0 (TRL's default), so the
             policy and the reference see the same network at the start.
+        diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
+            run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
@@ -433,6 +436,7 @@ class BCOModule(L.LightningModule):
         lora: LoRAConfig | None = None,
         beta: float = 0.1,
         disable_dropout: bool = True,
+        diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -455,6 +459,7 @@ class BCOModule(L.LightningModule):
         )
         self.beta = beta
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.diagnostics = diagnostics
         # the reward shift: the running mean of every implicit reward so far and their count, checkpointed
         self.register_buffer("delta", torch.zeros(()))
         self.register_buffer("num_rewards", torch.zeros((), dtype=torch.long))
@@ -466,9 +471,14 @@ class BCOModule(L.LightningModule):
         self._delta_at = -1  # the global step whose rewards delta holds last
 
     def configure_callbacks(self):
-        """A default `ReferenceModel` unless the Trainer has one."""
+        """A default `ReferenceModel` unless the Trainer has one, and a default `TrainingDiagnostics`
+        unless the Trainer has one (or ``diagnostics=False``)."""
         given = [cb for cb in self.trainer.callbacks if isinstance(cb, ReferenceModel)]
-        return [] if given else [ReferenceModel()]
+        callbacks = [] if given else [ReferenceModel()]
+        # training diagnostics, on by default: the user's TrainingDiagnostics callback, else one with defaults
+        if self.diagnostics and not any(isinstance(c, TrainingDiagnostics) for c in self.trainer.callbacks):
+            callbacks.append(TrainingDiagnostics())
+        return callbacks
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""

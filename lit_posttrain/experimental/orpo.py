@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
 from lit_posttrain.data import (
     DataFormatError,
     DatasetSource,
@@ -388,6 +389,8 @@ class ORPOModule(L.LightningModule):
         lora: LoRA adapter settings; None for full fine-tuning.
         beta: weight of the odds-ratio term relative to the NLL (the paper's lambda).
         disable_dropout: set every dropout probability in the model to 0 (TRL's default).
+        diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
+            run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
@@ -410,6 +413,7 @@ class ORPOModule(L.LightningModule):
         lora: LoRAConfig | None = None,
         beta: float = 0.1,
         disable_dropout: bool = True,
+        diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -432,11 +436,20 @@ class ORPOModule(L.LightningModule):
         )
         self.beta = beta
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.diagnostics = diagnostics
         # input tokens trained on, all ranks (checkpointed, as in SFTModule)
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in _METRICS})
         self._step_sums: dict[str, torch.Tensor] = {}  # training metric sums of the current optimizer step
         self._step_sums_at = -1  # ... and the global step they belong to
+
+    def configure_callbacks(self):
+        """A default `TrainingDiagnostics` unless the Trainer has one (or ``diagnostics=False``)."""
+        callbacks = []
+        # training diagnostics, on by default: the user's TrainingDiagnostics callback, else one with defaults
+        if self.diagnostics and not any(isinstance(c, TrainingDiagnostics) for c in self.trainer.callbacks):
+            callbacks.append(TrainingDiagnostics())
+        return callbacks
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""

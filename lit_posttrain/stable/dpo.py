@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
 from lit_posttrain.callbacks.reference_model import ReferenceModel, find_reference_model
 from lit_posttrain.data import (
     DataFormatError,
@@ -542,6 +543,8 @@ class DPOModule(L.LightningModule):
         reference_free: use ``log pi_ref = 0`` (no reference model).
         disable_dropout: set every dropout probability in the model to 0 (TRL's default), so the
             policy and the reference see the same network at the start.
+        diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
+            run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
@@ -569,6 +572,7 @@ class DPOModule(L.LightningModule):
         discopop_tau: float = 0.05,
         reference_free: bool = False,
         disable_dropout: bool = True,
+        diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -595,6 +599,7 @@ class DPOModule(L.LightningModule):
         self.beta, self.label_smoothing, self.discopop_tau = beta, label_smoothing, discopop_tau
         self.reference_free = reference_free
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.diagnostics = diagnostics
         # bco_pair's running mean of the batch-mean reward (TRL's RunningMoments), checkpointed
         self.register_buffer("bco_rewards_mean", torch.zeros(()))
         self.register_buffer("bco_num_updates", torch.zeros((), dtype=torch.long))
@@ -605,13 +610,18 @@ class DPOModule(L.LightningModule):
         self._step_sums_at = -1  # ... and the global step they belong to
 
     def configure_callbacks(self):
-        """A default `ReferenceModel` unless the Trainer has one (or ``reference_free``)."""
+        """A default `ReferenceModel` unless the Trainer has one (or ``reference_free``), and a default
+        `TrainingDiagnostics` unless the Trainer has one (or ``diagnostics=False``)."""
         given = [cb for cb in self.trainer.callbacks if isinstance(cb, ReferenceModel)]
         if self.reference_free and given:
             raise ValueError(
                 "reference_free=True but the Trainer has a ReferenceModel callback; remove one of them"
             )
-        return [] if self.reference_free or given else [ReferenceModel()]
+        callbacks = [] if self.reference_free or given else [ReferenceModel()]
+        # training diagnostics, on by default: the user's TrainingDiagnostics callback, else one with defaults
+        if self.diagnostics and not any(isinstance(c, TrainingDiagnostics) for c in self.trainer.callbacks):
+            callbacks.append(TrainingDiagnostics())
+        return callbacks
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""

@@ -90,6 +90,7 @@ from torch.distributed.fsdp import fully_shard
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
 from lit_posttrain.callbacks.reference_model import ReferenceModel, find_reference_model
 from lit_posttrain.data import (
     DatasetSource,
@@ -569,6 +570,8 @@ class GRPOModule(L.LightningModule):
             logger as a ``wandb.Table`` (`WandbLogger`, key ``completions``) or as text
             (`TensorBoardLogger`, tag ``completions``). Rank 0's samples, from rank 0.
         num_completions_to_print: rows per table (the first ones of the generation batch); None: all.
+        diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
+            run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step. A
             `lit_posttrain.schedulers.WarmupDecayLR` without ``num_training_steps`` gets the run's
@@ -628,6 +631,7 @@ class GRPOModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         log_completions: bool = False,
         num_completions_to_print: int | None = None,
+        diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -715,6 +719,7 @@ class GRPOModule(L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.log_completions, self.num_completions_to_print = log_completions, num_completions_to_print
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.diagnostics = diagnostics
         self.automatic_optimization = False  # generation, then num_iterations x steps_per_generation steps
         self.num_tokens = 0  # prompt + completion tokens trained on, all ranks (saved in checkpoints)
         self.generator: torch.Generator | None = None  # this rank's sampling RNG, created in setup
@@ -881,10 +886,14 @@ class GRPOModule(L.LightningModule):
                 f"{self.METHOD}: trainer.gradient_clip_val ({self.trainer.gradient_clip_val}) does not apply "
                 "(manual optimization): clip with model.init_args.max_grad_norm instead"
             )
+        callbacks = []
         # beta > 0 needs a reference: the user's ReferenceModel callback, else one with defaults
-        if self.beta == 0.0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
-            return []
-        return [ReferenceModel()]
+        if self.beta != 0.0 and not any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
+            callbacks.append(ReferenceModel())
+        # training diagnostics, on by default: the user's TrainingDiagnostics callback, else one with defaults
+        if self.diagnostics and not any(isinstance(c, TrainingDiagnostics) for c in self.trainer.callbacks):
+            callbacks.append(TrainingDiagnostics())
+        return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["num_tokens"] = self.num_tokens

@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
 from lit_posttrain.callbacks.reference_model import ReferenceModel, find_reference_model
 from lit_posttrain.data import (
     DataFormatError,
@@ -488,6 +489,8 @@ class KTOModule(L.LightningModule):
         undesirable_weight: lambda_U, the weight of the undesirable rows' losses.
         disable_dropout: set every dropout probability in the model to 0 (TRL's default), so the
             policy and the reference see the same network at the start.
+        diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
+            run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
@@ -513,6 +516,7 @@ class KTOModule(L.LightningModule):
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         disable_dropout: bool = True,
+        diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -541,6 +545,7 @@ class KTOModule(L.LightningModule):
         self.beta, self.loss_type = beta, loss_type
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.diagnostics = diagnostics
         # input tokens trained on, all ranks (checkpointed, as in SFTModule)
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in _METRICS})
@@ -549,9 +554,14 @@ class KTOModule(L.LightningModule):
         self._step_kl, self._step_kl_at = None, -1  # z_ref of the current optimizer step, and its global step
 
     def configure_callbacks(self):
-        """A default `ReferenceModel` unless the Trainer has one."""
+        """A default `ReferenceModel` unless the Trainer has one, and a default `TrainingDiagnostics`
+        unless the Trainer has one (or ``diagnostics=False``)."""
         given = [cb for cb in self.trainer.callbacks if isinstance(cb, ReferenceModel)]
-        return [] if given else [ReferenceModel()]
+        callbacks = [] if given else [ReferenceModel()]
+        # training diagnostics, on by default: the user's TrainingDiagnostics callback, else one with defaults
+        if self.diagnostics and not any(isinstance(c, TrainingDiagnostics) for c in self.trainer.callbacks):
+            callbacks.append(TrainingDiagnostics())
+        return callbacks
 
     def setup(self, stage: str) -> None:
         """Warn when the training rows and the weights fall outside the paper's eq. 8 range."""

@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
 from lit_posttrain.data import (
     DataFormatError,
     DatasetSource,
@@ -341,6 +342,8 @@ class RewardModule(L.LightningModule):
             value Eisenstein et al. suggest); None to leave it out.
         disable_dropout: set every dropout probability in the model to 0 (TRL's ``RewardConfig``
             default), so the chosen and rejected scores come from the same network.
+        diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
+            run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
             The default learning rate 1e-4 is TRL's ``RewardConfig`` default.
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
@@ -364,6 +367,7 @@ class RewardModule(L.LightningModule):
         lora: LoRAConfig | None = None,
         center_rewards_coefficient: float | None = None,
         disable_dropout: bool = True,
+        diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-4),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -391,6 +395,7 @@ class RewardModule(L.LightningModule):
         )
         self.center_rewards_coefficient = center_rewards_coefficient
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.diagnostics = diagnostics
         # sequence tokens (chosen + rejected, no padding) seen in training, all ranks; a buffer so
         # that checkpoints carry it
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))
@@ -399,6 +404,14 @@ class RewardModule(L.LightningModule):
         self._step_sums: dict[str, torch.Tensor] = {}  # training metric sums of the current optimizer step
         self._step_maxima: dict[str, torch.Tensor] = {}  # ... its maxima (of max_reward and -min_reward)
         self._step_sums_at = -1  # ... and the global step they belong to
+
+    def configure_callbacks(self):
+        """A default `TrainingDiagnostics` unless the Trainer has one (or ``diagnostics=False``)."""
+        callbacks = []
+        # training diagnostics, on by default: the user's TrainingDiagnostics callback, else one with defaults
+        if self.diagnostics and not any(isinstance(c, TrainingDiagnostics) for c in self.trainer.callbacks):
+            callbacks.append(TrainingDiagnostics())
+        return callbacks
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
 from lit_posttrain.data import (
     DataFormatError,
     DatasetSource,
@@ -392,6 +393,8 @@ class SFTModule(L.LightningModule):
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning.
         loss_type: ``nll`` or ``dft`` (dynamic fine-tuning).
+        diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
+            run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
@@ -413,6 +416,7 @@ class SFTModule(L.LightningModule):
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
         loss_type: Literal["nll", "dft"] = "nll",
+        diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -434,10 +438,19 @@ class SFTModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code)
         self.loss_type = loss_type
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.diagnostics = diagnostics
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.long))  # input tokens trained on, all ranks
         self.val_loss, self.val_accuracy, self.val_entropy = MeanMetric(), MeanMetric(), MeanMetric()
         self._step_sums: dict[str, torch.Tensor] = {}  # training metric sums of the current optimizer step
         self._step_sums_at = -1  # ... and the global step they belong to
+
+    def configure_callbacks(self):
+        """A default `TrainingDiagnostics` unless the Trainer has one (or ``diagnostics=False``)."""
+        callbacks = []
+        # training diagnostics, on by default: the user's TrainingDiagnostics callback, else one with defaults
+        if self.diagnostics and not any(isinstance(c, TrainingDiagnostics) for c in self.trainer.callbacks):
+            callbacks.append(TrainingDiagnostics())
+        return callbacks
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
