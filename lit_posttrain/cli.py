@@ -48,7 +48,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.imports import RequirementCache
 
 import lit_posttrain
-from lit_posttrain import export, vllm_serve
+from lit_posttrain import diagnostics, export, vllm_serve
 from lit_posttrain.models import LoRAConfig
 
 OVERVIEW = f"""lit-posttrain {lit_posttrain.__version__}: post-training for language models as Lightning modules.
@@ -249,9 +249,7 @@ def main() -> None:
     if sys.argv[1:2] == ["export"]:  # `lit-posttrain export --config C --ckpt PATH --out DIR`: export.py
         return export.main(sys.argv[2:])
     if sys.argv[1:2] == ["diagnose"]:  # `lit-posttrain diagnose RUN_DIR`: the TrainingDiagnostics heuristics offline
-        from lit_posttrain.diagnostics import main as diagnose_main
-
-        sys.exit(diagnose_main(sys.argv[2:]))
+        sys.exit(diagnostics.main(sys.argv[2:]))
     cli_main()
 
 

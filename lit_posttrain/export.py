@@ -45,6 +45,8 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
+from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lit_posttrain.callbacks.hub_export import (
     RunSummary,
@@ -235,9 +237,6 @@ def _load_sharded_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     Lightning saves ``{"state_dict": module state, "optimizer_0": ...}`` with torch.distributed.checkpoint;
     only the ``state_dict`` tensors are allocated (full size, CPU) and read, without a process group."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     reader = FileSystemReader(path)
     prefix = "state_dict."
     state_dict = {
