@@ -1,11 +1,11 @@
 """Built-in reward functions and the scoring wrapper (lit_posttrain.rewards)."""
 
-import re
 import warnings
 
 import pytest
 import torch
 
+from helpers.trl_rewards import reward_func, reward_len  # verbatim from TRL's GRPO documentation
 from lit_posttrain.rewards import (
     PatternFractionReward,
     RewardFunctionError,
@@ -151,19 +151,6 @@ def test_score_completions_none_nan_and_bad_outputs():
         score_completions(
             [returns_nan], ["a", "b", "c"], ["x", "y", "z"], completion_ids=[[1]] * 3, columns={}
         )
-
-
-# copied verbatim from TRL's GRPO documentation ("Using a custom reward function")
-def reward_len(completions, **kwargs):
-    return [-abs(20 - len(completion)) for completion in completions]
-
-
-def reward_func(completions, ground_truth, **kwargs):
-    # Regular expression to capture content inside \boxed{}
-    matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
-    contents = [match.group(1) if match else "" for match in matches]
-    # Reward 1 if the content is the same as the ground truth, 0 otherwise
-    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
 
 
 def test_trl_style_reward_functions_are_called_with_keywords():
