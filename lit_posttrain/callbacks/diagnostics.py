@@ -45,16 +45,20 @@ class LearningSignal(L.Callback):
         self.metrics = list(metrics) if metrics else ["val/loss"]
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
+        self.before_step: int | None = None  # the optimizer step each column was measured at
+        self.after_step: int | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         values = {name: float(trainer.callback_metrics[name]) for name in self.metrics if name in trainer.callback_metrics}
         if not self.before:
-            self.before = values
+            self.before, self.before_step = values, trainer.global_step
         elif not trainer.sanity_checking:
-            self.after = values
+            self.after, self.after_step = values, trainer.global_step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = [f"{'LearningSignal':<28}{'before':>10}{'after':>10}{'change':>10}"]
+        before_label = "before" if self.before_step is None else f"step {self.before_step}"
+        after_label = "after" if self.after_step is None else f"step {self.after_step}"
+        rows = [f"{'LearningSignal':<28}{before_label:>10}{after_label:>10}{'change':>10}"]
         for name in self.metrics:
             before, after = self.before.get(name), self.after.get(name)
             if before is None or after is None:
@@ -63,13 +67,19 @@ class LearningSignal(L.Callback):
                 rows.append(f"{name:<28}{before:>10.4f}{after:>10.4f}{after - before:>+10.4f}")
         if not self.before:
             rows.append("(no validation before training: set trainer.num_sanity_val_steps: -1)")
+        if self.after_step is not None and self.after_step != trainer.global_step:
+            rows.append(
+                f"(the last validation ran at step {self.after_step}, training ended at step {trainer.global_step}: "
+                "set trainer.val_check_interval so that it divides trainer.max_steps to measure the final model)"
+            )
         rank_zero_info("\n".join(rows))
 
     def state_dict(self) -> dict:
-        return {"before": self.before, "after": self.after}
+        return {"before": self.before, "after": self.after, "before_step": self.before_step, "after_step": self.after_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.before, self.after = dict(state_dict["before"]), dict(state_dict["after"])
+        self.before_step, self.after_step = state_dict.get("before_step"), state_dict.get("after_step")
 
 
 def _fmt(value: float | None) -> str:

@@ -674,3 +674,26 @@ def test_ddp_rank_zero_writes_reduced_metrics(tiny_model_dir, tmp_path):
     expected = [(a[0] + b[0]) / (a[1] + b[1]) for a, b in zip(ranks[0]["padding"], ranks[1]["padding"])]
     assert logged == pytest.approx(expected, abs=1e-6)
     assert ranks[0]["padding"] != ranks[1]["padding"]  # the ranks saw different batches
+
+
+def test_learning_signal_names_the_step_of_each_column_and_a_stale_after(tiny_model_dir, caplog):
+    """LearningSignal labels its columns with the optimizer step they were measured at and says when the
+    last validation is older than the final model."""
+    import logging
+
+    import lightning as L
+
+    from lit_posttrain import SFTDataModule, SFTModule
+    from lit_posttrain.callbacks import LearningSignal
+
+    signal = LearningSignal(["val/loss"])
+    data = SFTDataModule(tiny_model_dir, train_data="examples/data/sft/val.jsonl", val_data="examples/data/sft/val.jsonl",
+                         batch_size=8, max_length=16)  # fmt: skip
+    trainer = L.Trainer(max_steps=3, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=1, accelerator="cpu",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[signal])  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        trainer.fit(SFTModule(tiny_model_dir, random_init=True, diagnostics=False), data)
+    assert (signal.before_step, signal.after_step) == (0, 2)
+    assert "step 0" in caplog.text and "step 2" in caplog.text
+    assert "the last validation ran at step 2, training ended at step 3" in caplog.text
