@@ -166,3 +166,18 @@ def test_a_checkpoint_cannot_configure_the_run(tmp_path):
     explicit = _run(*config, "--model.init_args.loss_type", "dft", "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
     assert explicit.returncode != 0
     assert "model.init_args.loss_type: checkpoint 'nll', config 'dft'" in explicit.stderr
+
+
+def test_vllm_engine_logging_is_quiet_unless_verbose():
+    """vLLM's logger shows errors only by default (its ~80 INFO/WARNING lines per engine start), and
+    everything with LIT_POSTTRAIN_VERBOSE=1 (what --verbose sets)."""
+    import os
+
+    probe = ("from lit_posttrain.rollout.vllm_engine import import_vllm; import_vllm(); "
+             "import vllm.envs; print(vllm.envs.VLLM_LOGGING_LEVEL)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "LIT_POSTTRAIN_VERBOSE")}
+    quiet = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    loud = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={**env, "LIT_POSTTRAIN_VERBOSE": "1"})  # fmt: skip
+    assert quiet.stdout.split()[-1] == "ERROR", quiet.stderr
+    assert loud.stdout.split()[-1] == "INFO", loud.stderr  # vLLM's default

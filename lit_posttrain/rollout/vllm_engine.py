@@ -49,7 +49,14 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts f
 
 
 def import_vllm():
-    """Import vllm, or raise an ImportError naming the extra to install."""
+    """Import vllm, or raise an ImportError naming the extra to install.
+
+    vLLM logs ~80 INFO lines per engine start (and a harmless "Failed to load weights" for the
+    rotary embedding, and CPU tuning tips); errors only, unless ``VLLM_LOGGING_LEVEL`` is set or the run is
+    verbose (``LIT_POSTTRAIN_VERBOSE=1``, which ``lit-posttrain --verbose`` sets). vLLM reads the
+    variable when it is first imported."""
+    if os.environ.get("LIT_POSTTRAIN_VERBOSE", "") not in ("1", "true", "True"):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm
     except ImportError as err:
