@@ -82,6 +82,13 @@ class LearningSignal(L.Callback):
         self.before_step, self.after_step = state_dict.get("before_step"), state_dict.get("after_step")
 
 
+def _is_number(value) -> bool:
+    """A scalar a metrics row holds (a Python number or a one-element tensor), not a table or image."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -236,6 +243,9 @@ class TrainingDiagnostics(L.Callback):
         original = logger.log_metrics
 
         def log_metrics(metrics, step=None):
+            # a call with no numbers (e.g. WandbLogger.log_table's wandb.Table) is not a metrics row
+            if not any(_is_number(v) for v in metrics.values()):
+                return original(metrics=metrics, step=step)
             # every rank gets here at the same rows (Lightning logs on all ranks; loggers write on rank 0)
             training_row = any(k.startswith("train/") for k in metrics)
             if diagnose:
@@ -253,7 +263,7 @@ class TrainingDiagnostics(L.Callback):
     def _diagnose(self, trainer: L.Trainer, step: int, metrics: dict) -> None:
         # rank 0 decides; the other ranks follow its decision to stop
         if trainer.is_global_zero:
-            row = {k: float(v) for k, v in metrics.items()}
+            row = {k: float(v) for k, v in metrics.items() if _is_number(v)}
             for event in self.diagnoser.update(step, row):
                 self._emit(event)
                 if event.status == "new" and event.severity == "error":
