@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -45,10 +46,12 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_utilities.core.imports import RequirementCache
 
 import lit_posttrain
 from lit_posttrain import diagnostics, export, vllm_serve
+from lit_posttrain.data import DataFormatError
 from lit_posttrain.models import LoRAConfig
 
 OVERVIEW = f"""lit-posttrain {lit_posttrain.__version__}: post-training for language models as Lightning modules.
@@ -98,6 +101,30 @@ class StepProgressBar(RichProgressBar if RequirementCache("rich") else TQDMProgr
         if self.trainer.max_steps > 0 and self.trainer.max_epochs in (None, -1):
             return f"Training to step {self.trainer.max_steps}"
         return super()._get_train_description(current_epoch)
+
+
+class SaveOnSigterm(lightning.Callback):
+    """On SIGTERM (a scheduler's "stop now"), save the run's last checkpoint at the end of the current
+    batch, where `ModelCheckpoint` itself saves, so ``--ckpt_path last`` resumes exactly; the CLI then
+    exits with code 143 (128 + SIGTERM) instead of Lightning's 0, which pipelines read as success.
+
+    Saved only when a `ModelCheckpoint` has a ``dirpath``: to ``last.ckpt`` there with ``save_last``,
+    else to ``sigterm-step=<N>.ckpt``."""
+
+    def __init__(self) -> None:
+        self.saved: str | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # one decision for all ranks (the signal may reach one process first): saving is collective
+        if not trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False) or self.saved:
+            return
+        trainer._signal_connector.received_sigterm = True  # every rank stops after this batch
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                name = "last" if callback.save_last else f"sigterm-step={trainer.global_step}"
+                self.saved = os.path.join(callback.dirpath, name + callback.FILE_EXTENSION)
+                trainer.save_checkpoint(self.saved)
+                break
 
 
 class _DropTip(logging.Filter):
@@ -195,6 +222,7 @@ class PostTrainCLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not _verbose() and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = [*callbacks, StepProgressBar()]
+        callbacks = [*callbacks, SaveOnSigterm()]
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -250,7 +278,17 @@ def main() -> None:
         return export.main(sys.argv[2:])
     if sys.argv[1:2] == ["diagnose"]:  # `lit-posttrain diagnose RUN_DIR`: the TrainingDiagnostics heuristics offline
         sys.exit(diagnostics.main(sys.argv[2:]))
-    cli_main()
+    try:
+        cli_main()
+    except SIGTERMException:  # Lightning stops on SIGTERM with SystemExit(None), i.e. exit code 0
+        print("lit-posttrain: stopped by SIGTERM (exit code 143); --ckpt_path last resumes from the last "
+              "checkpoint if one was configured", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except DataFormatError as err:  # the message names file, row and column: a traceback adds nothing
+        if _verbose():
+            raise
+        print(f"lit-posttrain: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ Each text column is either a string ("plain") or a list of ``{"role", "content"}
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Union
 
@@ -28,7 +30,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-DatasetSource = Union[str, list, datasets.Dataset]
+# os.PathLike in the union keeps paths paths on the command line: without it jsonargparse would read a
+# path argument as a file of values (a CSV's text, a JSON array copied into config.yaml and checkpoints)
+DatasetSource = Union[str, os.PathLike, list, datasets.Dataset]
 ROLES = ("system", "user", "assistant", "tool")
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -38,8 +42,8 @@ class DataFormatError(ValueError):
 
 
 def describe_source(source: DatasetSource) -> str:
-    if isinstance(source, str):
-        return source
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
     if isinstance(source, list):
         return "in-memory list"
     return f"in-memory Dataset ({source.num_rows} rows)"
@@ -84,6 +88,8 @@ def rename_columns(rows: datasets.Dataset, columns: dict[str, str], source: str)
 def _load(source: DatasetSource, *, split: str, name: str | None) -> datasets.Dataset:
     if isinstance(source, datasets.Dataset):
         return source
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if isinstance(source, list):
         if not source:
             raise DataFormatError("in-memory list: the dataset is empty")
@@ -104,13 +110,71 @@ def _load(source: DatasetSource, *, split: str, name: str | None) -> datasets.Da
                 f"{source}: expected files ending in one of {', '.join(_EXTENSIONS)} (all of one kind), "
                 f"got {', '.join(p.name for p in files)}"
             )
+        kind = kinds.pop()
+        for file in files:  # what Arrow reports badly or not at all, named with file and line
+            _check_file(file, kind)
         try:
-            return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+            rows = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
         except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
-            raise DataFormatError(f"{source}: could not be read as {kinds}: {err}") from err
+            where = _bad_json(files) if kind == "json" else None
+            raise DataFormatError(where or f"{source}: could not be read as {kind}: {err}") from err
+        mixed = [c for c, f in rows.features.items() if type(f).__name__ == "Json"]
+        if mixed and kind == "json":  # a column mixes kinds: Arrow stored it as JSON text and converted the rest
+            raise DataFormatError(f"{source}: {_odd_value(_json_rows(files))}")
+        return rows
     if path.suffix in _EXTENSIONS or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise FileNotFoundError(f"dataset file or directory not found: {source}")
     return datasets.load_dataset(source, name, split=split)
+
+
+def _check_file(file: Path, kind: str) -> None:
+    """Empty files and text that is not UTF-8 (Arrow reads both without complaint), by file and line."""
+    if kind == "parquet":
+        return
+    empty = True
+    with open(file, "rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{file}: line {number} is not UTF-8 text (byte {line[err.start]:#04x} at column "
+                    f"{err.start + 1}); save the file as UTF-8"
+                ) from None
+            empty = empty and not line.strip()
+    if empty:
+        raise DataFormatError(f"{file}: the file is empty (expected {kind} rows)")
+
+
+def _bad_json(files: list[Path]) -> str | None:
+    """Where the first JSON / JSON Lines file fails to parse, or None (called once Arrow has failed)."""
+    for file in files:
+        if file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as stream:
+                for number, line in enumerate(stream, start=1):
+                    try:
+                        line.strip() and json.loads(line.rstrip())
+                    except json.JSONDecodeError as err:
+                        return f"{file}: line {number} is not valid JSON ({err.msg}, column {err.colno})"
+        elif file.suffix == ".json":
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                return f"{file}: not valid JSON at line {err.lineno}, column {err.colno} ({err.msg})"
+    return None
+
+
+def _json_rows(files: list[Path]) -> list:
+    """The rows of JSON / JSON Lines files as Python values (to name a row Arrow could not type)."""
+    rows: list = []
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".jsonl":
+            rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
+        else:
+            value = json.loads(text)
+            rows.extend(value if isinstance(value, list) else [value])
+    return rows
 
 
 def _odd_value(rows: list) -> str:
