@@ -336,9 +336,17 @@ class LookaheadLoader:
         self.count_items, self.accumulate_grad_batches = count_items, accumulate_grad_batches
         self.shuffle, self.seed, self.drop_last, self.num_workers = shuffle, seed, drop_last, num_workers
         self.trainer = trainer
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer (rows per micro-batch), got {batch_size!r}")
+        if drop_last and len(self._sampler(0)) < batch_size:
+            per = " per process" if trainer is not None and trainer.world_size > 1 else ""
+            raise DataFormatError(
+                f"{len(self._sampler(0))} training rows{per} but batch_size={batch_size} and incomplete batches "
+                "are dropped: not one training batch. Lower batch_size or add rows."
+            )
         self._epoch = 0
         self._yielded = 0  # micro-batches handed out in the current epoch
-        self._skip = 0  # micro-batches to skip at the next __iter__ (resume)
+        self._skip, self._skip_epoch = 0, 0  # micro-batches to skip at the next __iter__ of that epoch (resume)
 
     def _sampler(self, epoch: int):
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -371,7 +379,10 @@ class LookaheadLoader:
             drop_last=self.drop_last,
         )
         iterator = iter(loader)
-        skip, self._skip, self._yielded = self._skip, 0, 0
+        # skip what a resumed run already consumed, only in the epoch it was consumed in: a checkpoint
+        # taken on an epoch's last batch resumes into the next epoch, which starts from its beginning
+        skip = self._skip if epoch == self._skip_epoch else 0
+        self._skip, self._epoch, self._yielded = 0, epoch, 0
         while True:
             window = []
             for batch in iterator:
@@ -390,10 +401,11 @@ class LookaheadLoader:
                     batch["num_items_in_batch"] = total
                 batch.update(extra)
                 yield batch
-        self._epoch = epoch + 1
+        self._epoch, self._yielded = epoch + 1, 0  # (Lightning stops after len(self) batches: not always reached)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "yielded": self._yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._skip = state["epoch"], state["yielded"]
+        # "epoch": the epoch being consumed when the state was saved; "yielded": its batches handed out
+        self._epoch, self._skip_epoch, self._skip = state["epoch"], state["epoch"], state["yielded"]

@@ -829,14 +829,16 @@ class Diagnoser:
         ratio = _mean(got[0])
         if not ratio > self.t.clipped_ratio:
             return None
-        length, masked = (
-            self.context.get("max_completion_length"),
-            self.context.get("mask_truncated_completions"),
+        # the option the method has for its completion budget (TRL's names differ between methods)
+        option = next(
+            (name for name in ("max_completion_length", "max_new_tokens") if name in self.context),
+            "max_completion_length",
         )
+        length, masked = self.context.get(option), self.context.get("mask_truncated_completions")
         longer = (
-            f"raise model.init_args.max_completion_length from {length} to {2 * length}"
+            f"raise model.init_args.{option} from {length} to {2 * length}"
             if isinstance(length, int)
-            else "raise model.init_args.max_completion_length"
+            else f"raise model.init_args.{option}"
         )
         limit = f" ({length} tokens)" if isinstance(length, int) else ""
         if masked:
@@ -845,8 +847,11 @@ class Diagnoser:
                 longer,
             )
         else:
-            meaning = "the reward judges unfinished answers and the model never sees how they end"
-            action = f"{longer}, or set model.init_args.mask_truncated_completions: true (DAPO's overlong filtering)"
+            meaning = "the loss is taken on unfinished answers and the model never sees how they end"
+            action = longer
+            if "mask_truncated_completions" in self.context:  # only where the method has the option (GRPO, RLOO)
+                meaning = "the reward judges unfinished answers and the model never sees how they end"
+                action += ", or set model.init_args.mask_truncated_completions: true (DAPO's overlong filtering)"
         metrics = {"train/completions/clipped_ratio": ratio}
         mean_length = self._recent("train/completions/mean_length")
         if mean_length:

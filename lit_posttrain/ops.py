@@ -91,3 +91,21 @@ def grad_norm(parameters) -> torch.Tensor:
         return torch.zeros(())
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite gradient: the run stops before it reaches the weights."""
+
+
+def finite_grad_norm(parameters, step: int) -> torch.Tensor:
+    """`grad_norm`, raising `NonFiniteError` when it is NaN or infinite (a diverged step: a NaN loss
+    gives NaN gradients). Called before the optimizer step, so the weights, the last checkpoint and
+    any export stay those of the last good step, and the run exits non-zero instead of training on."""
+    norm = grad_norm(parameters)
+    if not torch.isfinite(norm):
+        raise NonFiniteError(
+            f"step {step}: the gradient norm is {norm.item()} (a non-finite loss or gradient). The run stops "
+            "before the optimizer step: the weights and the last checkpoint are those of the last good step. "
+            "Lower the learning rate, clip gradients (trainer.gradient_clip_val) or check the data."
+        )
+    return norm

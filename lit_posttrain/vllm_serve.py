@@ -26,25 +26,36 @@ HTTP endpoints (JSON answers):
   ``X-Adapter-Config``: the adapter config JSON): use this LoRA adapter from now on (needs
   ``--max-lora-rank``)
 - ``POST /shutdown``: answer, stop serving and exit with code 0 (SIGTERM does the same)
+
+Security: every ``POST`` (generation, weight and adapter updates, shutdown) needs the header
+``Authorization: Bearer <token>`` when a token is set: ``LIT_POSTTRAIN_SERVE_TOKEN`` in the
+environment or ``--token-file`` (the trainer sends ``LIT_POSTTRAIN_SERVE_TOKEN``; give both sides the
+same). Without a token the server only binds a loopback address: ``--host 0.0.0.0`` without one is
+refused. Requests are served on their own threads, engine work one request at a time; a body that
+does not arrive within ``--request-timeout`` seconds is dropped, one larger than
+``--max-body-bytes`` is refused (413), so one slow or hostile client cannot stall the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import itertools
 import json
+import os
 import queue
 import shutil
 import signal
-import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import safetensors.torch
 
 from lit_posttrain.rollout import vllm_engine
+from lit_posttrain.rollout.base import process_tmpdir
 
 
 class _WeightStream:
@@ -75,15 +86,32 @@ class _WeightStream:
             raise RuntimeError(f"weight update failed: {self.error!r}") from self.error
 
 
-class VLLMServer(HTTPServer):
-    def __init__(self, address, llm):
+TOKEN_ENV = "LIT_POSTTRAIN_SERVE_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: treat as reachable from outside
+        return False
+
+
+class VLLMServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, llm, *, token: str | None = None, request_timeout: float = 60.0,
+                 max_body_bytes: int = 2**31):
         super().__init__(address, _Handler)
         self.llm = llm
+        self.token, self.request_timeout, self.max_body_bytes = token, request_timeout, max_body_bytes
+        self.engine_lock = threading.Lock()  # engine work one request at a time, as the engine wants
         self.stream: _WeightStream | None = None
         self.num_weight_updates = 0
         self.lora_request = None
         self.lora_ids = itertools.count(1)  # vLLM caches adapters by id: ids never repeat
-        self.adapter_dir = Path(tempfile.mkdtemp(prefix="lit-posttrain-serve-adapter-"))
+        self.adapter_dir = process_tmpdir("lit-posttrain-serve-adapter-")  # (and removes dead servers' dirs)
 
     def generate(self, request: dict) -> dict:
         completion_ids, logps = vllm_engine.generate(
@@ -122,6 +150,10 @@ class VLLMServer(HTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: VLLMServer
 
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # socket timeout for reading this request
+        super().setup()
+
     def do_GET(self):
         if self.path == "/health":
             self._answer({"status": "ok", "num_weight_updates": self.server.num_weight_updates})
@@ -129,7 +161,31 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer({"error": f"unknown path {self.path}"}, status=404)
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        server = self.server
+        if server.token is not None:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {server.token}".encode()):
+                self.close_connection = True  # the body was not read
+                return self._answer({"error": f"unauthorized: send 'Authorization: Bearer <{TOKEN_ENV}>'"}, status=401)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return self._answer({"error": "bad Content-Length"}, status=400)
+        if not 0 <= length <= server.max_body_bytes:
+            self.close_connection = True
+            return self._answer({"error": f"body of {length} bytes; the limit is {server.max_body_bytes}"}, status=413)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:  # a client that stopped sending: drop it, the others are unaffected
+            self.close_connection = True
+            return
+        if len(body) < length:
+            self.close_connection = True
+            return self._answer({"error": "incomplete body"}, status=400)
+        with server.engine_lock:
+            self._post(body)
+
+    def _post(self, body: bytes) -> None:
         server = self.server
         try:
             if self.path == "/generate":
@@ -190,11 +246,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--token-file", default=None,
+        help=f"file holding the shared secret every POST must carry (default: ${TOKEN_ENV}); required "
+        "to bind a non-loopback address",
+    )
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds to receive a request")
+    parser.add_argument("--max-body-bytes", type=int, default=2**31, help="largest request body accepted")
     return parser.parse_args(argv)
+
+
+def read_token(token_file: str | None) -> str | None:
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    token = read_token(args.token_file)
+    if token is None and not is_loopback(args.host):
+        raise SystemExit(
+            f"lit-posttrain vllm-serve: refusing to listen on {args.host} without a token: anyone who reaches the "
+            f"port could replace the weights or stop the server. Set {TOKEN_ENV} (or --token-file) here and "
+            f"{TOKEN_ENV} in the training job's environment."
+        )
     llm = vllm_engine.create_engine(
         args.model,
         dtype=args.dtype,
@@ -207,13 +282,18 @@ def main(argv=None) -> None:
         seed=args.seed,
         load_format="dummy" if args.random_init else "auto",
     )
-    server = VLLMServer((args.host, args.port), llm)
+    server = VLLMServer(
+        (args.host, args.port), llm, token=token, request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+    )
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"lit-posttrain vllm-serve: listening on http://{args.host}:{args.port}", flush=True)
+    print(f"lit-posttrain vllm-serve: listening on http://{args.host}:{args.port} "
+          f"({'token required' if token else 'loopback only, no token'})", flush=True)
     try:
         server.serve_forever()
     finally:
         server.server_close()
+        shutil.rmtree(server.adapter_dir, ignore_errors=True)
         llm.llm_engine.engine_core.shutdown()
     print("lit-posttrain vllm-serve: stopped", flush=True)
 

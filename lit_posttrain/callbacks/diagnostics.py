@@ -37,12 +37,19 @@ from lit_posttrain.diagnostics import Diagnoser, Finding, Thresholds, run_contex
 class LearningSignal(L.Callback):
     """Print chosen validation metrics before and after training.
 
+    "After" is the final model: when the run's last periodic validation would not fall on its last
+    optimizer step (``max_steps`` not a multiple of ``val_check_interval``), the callback asks
+    Lightning for one more validation at that step (the way early stopping does, through
+    ``trainer.should_stop`` on the final step). Each column is labelled with its step.
+
     Args:
         metrics: metric names as logged (e.g. ``val/loss``, ``val/rewards/accuracies``).
+        final_validation: validate the final model when the last validation would be stale.
     """
 
-    def __init__(self, metrics: list[str] | None = None):
+    def __init__(self, metrics: list[str] | None = None, final_validation: bool = True):
         self.metrics = list(metrics) if metrics else ["val/loss"]
+        self.final_validation = final_validation
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
         self.before_step: int | None = None  # the optimizer step each column was measured at
@@ -54,6 +61,14 @@ class LearningSignal(L.Callback):
             self.before, self.before_step = values, trainer.global_step
         elif not trainer.sanity_checking:
             self.after, self.after_step = values, trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # the batch that completed the last optimizer step of a max_steps-bounded run: Lightning validates
+        # after this hook when the step is a periodic one, or when should_stop is set (as early stopping
+        # does); either way once, so asking is harmless when the periodic validation falls here anyway
+        final = 0 < trainer.max_steps <= trainer.global_step
+        if self.final_validation and final and trainer.enable_validation:
+            trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         before_label = "before" if self.before_step is None else f"step {self.before_step}"

@@ -15,6 +15,10 @@ not apply to this sample" and becomes NaN. A float NaN is treated the same way, 
 signals a bug it is also reported: a warning (once per function and process) that names the
 function, how many samples, and the first such sample's index and prompt. The method combines the
 columns with ``nansum`` and treats a sample where every function is NaN as unscorable.
+
+Guards (departures from TRL, which trains on them silently): a value that is infinite or larger in
+magnitude than ``MAX_REWARD`` (1e15) is an error naming the function and sample (TRL turns it into
+NaN advantages); a batch where no function scored any sample warns that it carries no signal.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class TrainerState:
 
 # the keywords every reward function is called with, besides the dataset's columns
 REWARD_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+MAX_REWARD = 1e15  # larger magnitudes overflow float32 once squared (group std), turning advantages into NaN
 
 
 def check_reward_funcs(reward_funcs: Sequence[Callable], columns: Sequence[str] | None = None) -> None:
@@ -167,6 +174,12 @@ def score_completions(
                 ) from err
             if math.isnan(value):
                 nan_samples.append(i)
+            elif not abs(value) <= MAX_REWARD:
+                raise RewardFunctionError(
+                    f"reward function {name!r} returned {value!r} for sample {i} (prompt {_show(prompts[i])}); "
+                    f"rewards must be finite numbers within +-{MAX_REWARD:g} (their group variance must stay "
+                    "representable in float32), or None where the function does not apply"
+                )
             else:
                 rewards[i, j] = value
         if nan_samples and name not in _WARNED_NAN:
@@ -178,6 +191,12 @@ def score_completions(
                 "apply to that sample). Return None explicitly to silence this warning.",
                 stacklevel=2,
             )
+    if num_samples and rewards.isnan().all():
+        warnings.warn(
+            f"no reward function scored any of the {num_samples} samples of this batch (all returned None or "
+            "NaN): the batch carries no learning signal. Check that the functions apply to this data.",
+            stacklevel=2,
+        )
     return rewards
 
 

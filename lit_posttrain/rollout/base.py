@@ -8,9 +8,13 @@ be resumed exactly and does not shift, or get shifted by, other users of the glo
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -77,3 +81,24 @@ def sampling_rng(generator: torch.Generator) -> Iterator[None]:
                 yield
             finally:
                 generator.set_state(backend.get_rng_state(device))
+
+
+def process_tmpdir(prefix: str) -> Path:
+    """A new temporary directory ``<prefix><pid>-XXXX`` for this process, after removing the ones a
+    dead process of the same prefix left behind (a run killed with SIGKILL never cleans up)."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -47,7 +48,7 @@ import safetensors.torch
 
 from lit_posttrain.models import is_peft_model
 from lit_posttrain.rollout import vllm_engine
-from lit_posttrain.rollout.base import RolloutOutput, eos_ids
+from lit_posttrain.rollout.base import RolloutOutput, eos_ids, process_tmpdir
 
 WEIGHT_CHUNK_BYTES = 256 * 2**20  # server mode: weights per HTTP request
 _LORA_IDS = itertools.count(1)  # an engine caches adapters by id: ids never repeat within a process
@@ -89,7 +90,7 @@ class VLLMColocateRollout:
         self.num_syncs = 0
         self.last_sync_time = 0.0
         self._lora_request = None
-        self._adapter_dir = Path(tempfile.mkdtemp(prefix="lit-posttrain-adapter-"))
+        self._adapter_dir = process_tmpdir("lit-posttrain-adapter-")  # (and removes dead runs' dirs)
 
     def sync_weights(self, model) -> None:
         """Push the policy's current weights (or adapter) to the engine."""
@@ -300,9 +301,11 @@ class VLLMServerRollout:
         pass  # the server outlives the training run
 
     def _request(self, method: str, path: str, body: bytes | None = None, headers=None, timeout=None) -> dict:
-        request = urllib.request.Request(
-            self.base_url + path, data=body, method=method, headers=headers or {}
-        )
+        headers = dict(headers or {})
+        token = os.environ.get("LIT_POSTTRAIN_SERVE_TOKEN", "").strip()  # the server's shared secret
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 return json.loads(response.read())

@@ -262,6 +262,9 @@ def test_truncation_heavy():
     )
     masked = first(feed(rows, {"max_completion_length": 256, "mask_truncated_completions": True}), "LPT107")
     assert masked.action == "raise model.init_args.max_completion_length from 256 to 512"
+    # a method without mask_truncated_completions, whose budget is max_new_tokens (Online DPO, XPO, Nash-MD)
+    other = first(feed(rows, {"max_new_tokens": 64}), "LPT107")
+    assert other.action == "raise model.init_args.max_new_tokens from 64 to 128"
 
 
 def test_length_hacking():
@@ -697,3 +700,31 @@ def test_learning_signal_names_the_step_of_each_column_and_a_stale_after(tiny_mo
     assert (signal.before_step, signal.after_step) == (0, 2)
     assert "step 0" in caplog.text and "step 2" in caplog.text
     assert "the last validation ran at step 2, training ended at step 3" in caplog.text
+
+
+def test_learning_signal_measures_the_final_model(tiny_model_dir):
+    """max_steps 5 with validation every 4 steps: the "after" column used to be step 4's validation
+    (a stale model); LearningSignal now has the final step validated too, and labels it step 5."""
+    import json as _json
+
+    from lit_posttrain import SFTDataModule, SFTModule
+    from lit_posttrain.callbacks import LearningSignal
+
+    root = Path(__file__).resolve().parents[2]
+    rows = [_json.loads(line) for line in (root / "examples/data/sft/train.jsonl").read_text().splitlines()[:48]]
+    signal = LearningSignal(metrics=["val/loss"])
+    validated = []
+
+    class Steps(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                validated.append(trainer.global_step)
+
+    L.seed_everything(0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, val_check_interval=4, check_val_every_n_epoch=None,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=-1, callbacks=[signal, Steps()])
+    dm = SFTDataModule(tiny_model_dir, train_data=rows[:40], val_data=rows[40:], batch_size=4)
+    trainer.fit(SFTModule(tiny_model_dir, random_init=True, diagnostics=False), datamodule=dm)
+    assert validated == [4, 5]  # the periodic one, then the final model once
+    assert signal.before_step == 0 and signal.after_step == 5
