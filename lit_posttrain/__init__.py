@@ -12,6 +12,20 @@ class LitPosttrainExperimentalWarning(UserWarning):
     """Warned once when an experimental module (`lit_posttrain.experimental`) is imported."""
 
 
+def _drop_optional_kernel_notice() -> None:
+    """bitsandbytes (installed for QLoRA, imported by peft) logs at import that an optional kernels
+    package is missing: nothing to act on, and printed by every run. ``LIT_POSTTRAIN_VERBOSE=1`` keeps it."""
+    import logging
+    import os
+
+    if os.environ.get("LIT_POSTTRAIN_VERBOSE", "") not in ("1", "true", "True"):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+            lambda record: "kernels-community" not in record.getMessage()
+        )
+
+
+_drop_optional_kernel_notice()
+
 from lit_posttrain.models import LoRAConfig, load_model, load_tokenizer
 from lit_posttrain.stable.dpo import DataCollatorForPreference, DPODataModule, DPOModule, dpo_loss
 from lit_posttrain.stable.sft import DataCollatorForLanguageModeling, SFTDataModule, SFTModule, sft_loss

@@ -189,8 +189,10 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_dir() and not file.is_file():
         _fail(f"--ckpt {path} is a directory without {_DCP_METADATA}: not a Lightning FSDP2 checkpoint")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        # added for good, not in a `safe_globals` block: leaving one removes them again, also the LoRAConfig
+        # models.py allows for Lightning's resume
+        torch.serialization.add_safe_globals(SAFE_GLOBALS)
+        checkpoint = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
         unsafe = _unsafe_globals(file)
         reason = (
@@ -256,10 +258,14 @@ def _model_weights(module: L.LightningModule, state_dict: dict[str, torch.Tensor
     expected = module.state_dict(keep_vars=True)
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]
+    # parameters and buffers only: bitsandbytes' 4-bit statistics (``...weight.absmax``) change layout once a
+    # layer has run on CPU, so a QLoRA checkpoint's may differ in shape from a freshly built module's
+    tensors = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    tensors |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
     reshaped = [
         f"{name} {tuple(state_dict[name].shape)} (config: {tuple(expected[name].shape)})"
         for name in expected
-        if name in state_dict and state_dict[name].shape != expected[name].shape
+        if name in tensors and name in state_dict and state_dict[name].shape != expected[name].shape
     ]
     if missing or unexpected or reshaped:
         problems = [

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from lit_posttrain.models import load_model, load_tokenizer
+from lit_posttrain.models import load_model
 from lit_posttrain.tiny import make_tiny_model_dir
 
 

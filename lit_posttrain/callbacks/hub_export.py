@@ -55,6 +55,11 @@ which for a ``random_init`` run exist nowhere else. ``"adapter"`` writes only th
 (``PeftModel.from_pretrained(base, path)``), ``"both"`` writes the merged model plus the adapter in
 ``adapter/``. The training model is never modified: the export is built on a separate CPU copy.
 
+QLoRA (a base quantized with bitsandbytes, ``quantization``): the merged export is the base
+dequantized (in fp32), the adapter merged into it, then cast to the load ``dtype`` (the model's
+``config.dtype``); its config.json has no ``quantization_config``, so it loads as a plain model. The
+adapter export is the same as for LoRA; it loads with PEFT on the base, quantized or not.
+
 Distributed: every rank takes part in gathering the weights (FSDP2 DTensor parameters are gathered
 one tensor at a time with ``full_tensor()``); only global rank 0 holds the CPU copy, checks and
 writes, and broadcasts its verdict so that every rank raises the same error together.
@@ -94,7 +99,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from lit_posttrain.data import describe_source
-from lit_posttrain.models import unwrap_peft
+from lit_posttrain.models import (
+    dequantize_state_dict,
+    dequantized_numel,
+    export_dtype,
+    is_quantized,
+    plain_config,
+    unwrap_peft,
+)
 
 LoRAExport = Literal["adapter", "merged", "both"]
 _LORA_EXPORTS = ("adapter", "merged", "both")
@@ -264,7 +276,11 @@ class HubExport(L.Callback):
         parameters = list(model.parameters())  # DTensor.numel() is the full tensor's: sharded or not
         if isinstance(model, PeftModel) and self.lora_export == "adapter":
             parameters = [p for p in parameters if p.requires_grad]  # the adapter (and modules_to_save)
-        needed = int(FREE_SPACE_FACTOR * sum(p.numel() * p.element_size() for p in parameters))
+        if is_quantized(model):  # written dequantized, in the load dtype
+            element_size = torch.empty((), dtype=export_dtype(model)).element_size()
+            needed = int(FREE_SPACE_FACTOR * sum(dequantized_numel(p) * element_size for p in parameters))
+        else:
+            needed = int(FREE_SPACE_FACTOR * sum(p.numel() * p.element_size() for p in parameters))
         free = shutil.disk_usage(self._export_dir).free
         if free >= needed:
             return None
@@ -380,6 +396,8 @@ def write_hf_directory(
         if not is_lora or lora_export in ("merged", "both"):
             if is_lora:
                 model_copy = model_copy.merge_and_unload()
+            if is_quantized(model):  # dequantized and merged in fp32: now the load dtype
+                model_copy = model_copy.to(export_dtype(model))
             model_copy.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
             written.append((tmp, "transformers"))
         generation_config = unwrap_peft(model).generation_config  # None for classifiers
@@ -487,11 +505,14 @@ def _plain_copy(
     """An unsharded copy of ``model`` (and of its LoRA adapter) that holds ``state_dict``.
 
     Built on the meta device (no memory, no random init) and then given the CPU tensors, so merging
-    or saving it never touches the training model.
+    or saving it never touches the training model. A quantized (bitsandbytes) base becomes plain
+    ``nn.Linear`` layers holding the dequantized fp32 weights, with a config without ``quantization_config``.
     """
     base = unwrap_peft(model)
+    if is_quantized(model):
+        state_dict = dequantize_state_dict(model, state_dict, torch.float32)
     with torch.device("meta"):
-        model_copy = _plain_class(base)(copy.deepcopy(base.config))
+        model_copy = _plain_class(base)(plain_config(base.config))
         model_copy.generation_config = copy.deepcopy(base.generation_config)
         if isinstance(model, PeftModel):
             (adapter_name,) = model.peft_config
@@ -585,6 +606,8 @@ def _model_card(
         }[lora_export]
     else:
         weights_text = "all weights"
+    if is_quantized(model) and library_name == "transformers":
+        weights_text += f" (the base dequantized from its bitsandbytes quantization, written in {export_dtype(model)})"
     if library_name == "peft":
         base_ref = base_model if _on_hub(base_model) else f"<the base model: {_public(base_model)}>"
         load = (

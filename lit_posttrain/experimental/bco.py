@@ -74,7 +74,7 @@ from lit_posttrain.data import (
 )
 from lit_posttrain.experimental import warn_experimental
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, grad_norm, masked_sum, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_sum, pad, selective_log_softmax
 from lit_posttrain.schedulers import WarmupDecayLR
 
 warn_experimental(__name__)
@@ -409,6 +409,8 @@ class BCOModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning.
+        quantization: QLoRA: load the base in 4-bit or 8-bit (transformers' ``BitsAndBytesConfig`` fields,
+            e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``); needs ``lora``. See docs/qlora.md.
         beta: inverse temperature of the implicit reward (higher: stay closer to the reference).
         disable_dropout: set every dropout probability in the model to 0 (TRL's default), so the
             policy and the reference see the same network at the start.
@@ -434,6 +436,7 @@ class BCOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        quantization: dict | None = None,
         beta: float = 0.1,
         disable_dropout: bool = True,
         diagnostics: bool = True,
@@ -452,6 +455,7 @@ class BCOModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            quantization=quantization,
             disable_dropout=disable_dropout,
         )
         self.tokenizer = load_tokenizer(
@@ -653,7 +657,7 @@ class BCOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
-        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/grad_norm", finite_grad_norm(self.parameters(), self.global_step))
         self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
 
 

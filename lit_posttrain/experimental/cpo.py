@@ -93,7 +93,7 @@ from lit_posttrain.data import (
 )
 from lit_posttrain.experimental import warn_experimental
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, grad_norm, masked_sum, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_sum, pad, selective_log_softmax
 from lit_posttrain.schedulers import WarmupDecayLR
 
 warn_experimental(__name__)
@@ -445,6 +445,8 @@ class CPOModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning.
+        quantization: QLoRA: load the base in 4-bit or 8-bit (transformers' ``BitsAndBytesConfig`` fields,
+            e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``); needs ``lora``. See docs/qlora.md.
         beta: inverse temperature of the reward (SimPO's paper uses 2 to 10 with its averaged log-probs).
         loss_type: one of `LOSS_TYPES`.
         label_smoothing: assumed label-flip probability (``sigmoid``, ``simpo``, ``alphapo``).
@@ -475,6 +477,7 @@ class CPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        quantization: dict | None = None,
         beta: float = 0.1,
         loss_type: LossType = "sigmoid",
         label_smoothing: float = 0.0,
@@ -499,6 +502,7 @@ class CPOModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            quantization=quantization,
             disable_dropout=disable_dropout,
         )
         self.tokenizer = load_tokenizer(
@@ -652,7 +656,7 @@ class CPOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
-        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/grad_norm", finite_grad_norm(self.parameters(), self.global_step))
         self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
 
 

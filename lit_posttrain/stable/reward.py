@@ -68,7 +68,7 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import grad_norm, pad
+from lit_posttrain.ops import finite_grad_norm, pad
 from lit_posttrain.rewards.model import tokenize_for_reward
 from lit_posttrain.schedulers import WarmupDecayLR
 
@@ -338,6 +338,8 @@ class RewardModule(L.LightningModule):
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning. ``score`` is always added to
             ``modules_to_save``: the head starts random, so it must be trained in full.
+        quantization: QLoRA: load the base in 4-bit or 8-bit (transformers' ``BitsAndBytesConfig`` fields,
+            e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``); needs ``lora``. See docs/qlora.md.
         center_rewards_coefficient: weight of the reward-centering term (TRL name; 0.01 is the
             value Eisenstein et al. suggest); None to leave it out.
         disable_dropout: set every dropout probability in the model to 0 (TRL's ``RewardConfig``
@@ -365,6 +367,7 @@ class RewardModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        quantization: dict | None = None,
         center_rewards_coefficient: float | None = None,
         disable_dropout: bool = True,
         diagnostics: bool = True,
@@ -391,6 +394,7 @@ class RewardModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            quantization=quantization,
             disable_dropout=disable_dropout,
         )
         self.center_rewards_coefficient = center_rewards_coefficient
@@ -522,5 +526,5 @@ class RewardModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
-        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/grad_norm", finite_grad_norm(self.parameters(), self.global_step))
         self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))

@@ -55,7 +55,7 @@ from lit_posttrain.data import (
     split_rows,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, grad_norm, pad, selective_log_softmax
+from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, pad, selective_log_softmax
 from lit_posttrain.schedulers import WarmupDecayLR
 
 
@@ -245,7 +245,7 @@ class SFTDataModule(L.LightningDataModule):
     def _tokenize(self, rows, source: str) -> list[dict]:
         """-> [{"input_ids", "completion_mask"}], truncated to ``max_length`` (keeping the start)."""
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        examples, untrained_end_of_turn = [], 0
+        examples, untrained_end_of_turn, no_targets = [], 0, []
         for i, row in enumerate(rows):
             if "text" in row:
                 ids = tok(row["text"], add_special_tokens=False)["input_ids"] + [eos]
@@ -279,7 +279,21 @@ class SFTDataModule(L.LightningDataModule):
                     )
                 ids = list(ids)
                 mask = [int(not self.completion_only_loss)] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
-            examples.append({"input_ids": ids[: self.max_length], "completion_mask": mask[: self.max_length]})
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+            if not any(mask[1:]):  # nothing to predict: the prompt fills max_length (targets are tokens 1..)
+                no_targets.append(i)
+                continue
+            examples.append({"input_ids": ids, "completion_mask": mask})
+        if no_targets:
+            warnings.warn(
+                f"{source}: {len(no_targets)} of {len(rows)} rows have no target tokens within max_length="
+                f"{self.max_length} (the prompt fills it; first: row {no_targets[0]}) and are skipped; raise "
+                "max_length or shorten the prompts"
+            )
+            if not examples:
+                raise DataFormatError(
+                    f"{source}: no row has a target token within max_length={self.max_length}; raise max_length"
+                )
         if untrained_end_of_turn:
             warnings.warn(
                 f"{source}: in {untrained_end_of_turn} conversation(s) the assistant mask ends on a non-special "
@@ -392,6 +406,8 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         trust_remote_code: allow model code from the hub (off unless asked).
         lora: LoRA adapter settings; None for full fine-tuning.
+        quantization: QLoRA: load the base in 4-bit or 8-bit (transformers' ``BitsAndBytesConfig`` fields,
+            e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4}``); needs ``lora``. See docs/qlora.md.
         loss_type: ``nll`` or ``dft`` (dynamic fine-tuning).
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
             run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
@@ -415,6 +431,7 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
+        quantization: dict | None = None,
         loss_type: Literal["nll", "dft"] = "nll",
         diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5),
@@ -434,6 +451,7 @@ class SFTModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             trust_remote_code=trust_remote_code,
             lora=lora,
+            quantization=quantization,
         )
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code)
         self.loss_type = loss_type
@@ -500,7 +518,8 @@ class SFTModule(L.LightningModule):
             # tokens of the whole optimizer step, all ranks; Lightning divides the loss by the
             # accumulation steps and DDP averages over ranks, so undo both to get sum / tokens
             micro_batches = self.trainer.accumulate_grad_batches * self.trainer.world_size  # per step, all ranks
-            num_items_in_batch = sums["num_items_in_batch"] / micro_batches
+            # (at least one token: a step whose every row has zero targets contributes 0, not 0 / 0 = NaN)
+            num_items_in_batch = sums["num_items_in_batch"].clamp(min=1) / micro_batches
         else:  # no DataModule look-ahead: this micro-batch's own target tokens
             num_items_in_batch = num_targets.clamp(min=1)
         loss = loss_sum / num_items_in_batch
@@ -543,5 +562,5 @@ class SFTModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # TRL's grad_norm (before clipping) and learning_rate, once per optimizer step
-        self.log("train/grad_norm", grad_norm(self.parameters()))
+        self.log("train/grad_norm", finite_grad_norm(self.parameters(), self.global_step))
         self.log("train/learning_rate", float(optimizer.param_groups[0]["lr"]))
