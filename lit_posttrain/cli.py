@@ -77,6 +77,13 @@ Methods (model.class_path / data.class_path):
     orpo.ORPOModule   odds-ratio preference optimization, no reference model
     cpo.CPOModule     contrastive preference optimization; SimPO and AlphaPO as loss types
     bco.BCOModule     binary classifier optimization, unpaired
+    ppo.PPOModule     proximal policy optimization with a value model (RLHF)
+    online_dpo.OnlineDPOModule   DPO on the policy's own samples, ranked by reward functions
+    xpo.XPOModule     exploratory preference optimization (policy vs reference samples)
+    nash_md.NashMDModule   Nash learning from preferences by mirror descent
+    gkd.GKDModule     generalized knowledge distillation from a frozen TeacherModel
+    distill.DistillationModule   on-policy distillation (reverse KL to a TeacherModel)
+    sdft.SDFTModule   self-distilled fine-tuning (the model with a privileged context teaches itself)
 
 Quickstarts (CPU, tiny local model, a few minutes each): configs/quickstart/*.yaml
 Options of a method: lit-posttrain fit --model.help lit_posttrain.GRPOModule

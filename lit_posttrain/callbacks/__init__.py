@@ -3,7 +3,7 @@ never change a method's math."""
 
 from lit_posttrain.callbacks.diagnostics import LearningSignal, TrainingDiagnostics
 from lit_posttrain.callbacks.hub_export import HubExport
-from lit_posttrain.callbacks.reference_model import ReferenceModel
+from lit_posttrain.callbacks.reference_model import ReferenceModel, TeacherModel
 from lit_posttrain.callbacks.vllm_rollout import VLLMRollout
 
-__all__: list[str] = ["LearningSignal", "TrainingDiagnostics", "HubExport", "ReferenceModel", "VLLMRollout"]
+__all__: list[str] = ["LearningSignal", "TrainingDiagnostics", "HubExport", "ReferenceModel", "TeacherModel", "VLLMRollout"]

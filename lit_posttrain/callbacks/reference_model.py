@@ -1,8 +1,9 @@
-"""The frozen reference policy for methods that regularise towards one (DPO, GRPO with beta > 0, ...).
+"""Frozen second models: the reference policy (DPO, GRPO with beta > 0, ...) and the teacher (GKD, distillation).
 
-`ReferenceModel` owns the reference's lifecycle; the method owns the math. The module asks it for
-reference logits with ``reference.forward(input_ids, attention_mask, ...)`` (under ``torch.no_grad``)
-and turns them into log-probs itself. Four ways to hold the reference:
+`ReferenceModel` and `TeacherModel` own a frozen model's lifecycle; the method owns the math. The
+module asks for logits with ``reference.forward(input_ids, attention_mask, ...)`` /
+``teacher.forward(...)`` (under ``torch.no_grad``) and turns them into log-probs itself. Five ways to
+hold the reference:
 
 1. Full fine-tuning (default): a frozen, eval-mode deep copy of ``pl_module.model`` made at
    ``setup`` (so it is the initial policy, also on resume: checkpoint weights are restored after
@@ -46,9 +47,10 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lit_posttrain.models import is_peft_model
+from lit_posttrain.models import DType, decoder_layers, is_peft_model, load_model, load_tokenizer, unwrap_peft
 
 SPLITS = ("train", "val")
 
@@ -57,6 +59,11 @@ class ReferenceModel(L.Callback):
     """Provide a frozen reference model to the LightningModule.
 
     Args:
+        model_name_or_path: load the reference from this hub id or local directory (TRL ``ref_model``)
+            instead of copying the initial policy. Its logits must have the policy's width.
+        dtype: parameter dtype of the loaded reference; None: float32, then cast by the Trainer's
+            precision plugin (as the copy is).
+        trust_remote_code: allow model code from the hub for the loaded reference.
         sync_ref_model: TR-DPO: mix the policy into the reference every ``sync_steps`` optimizer steps
             (TRL ``sync_ref_model``). Not with LoRA, not with precomputed log-probs.
         mixup_alpha: weight of the policy in the mix (TRL ``ref_model_mixup_alpha``; 1.0 = hard copy).
@@ -71,6 +78,9 @@ class ReferenceModel(L.Callback):
     def __init__(
         self,
         *,
+        model_name_or_path: str | None = None,
+        dtype: DType | None = None,
+        trust_remote_code: bool = False,
         sync_ref_model: bool = False,
         mixup_alpha: float = 0.6,
         sync_steps: int = 512,
@@ -87,6 +97,12 @@ class ReferenceModel(L.Callback):
                 "sync_ref_model=True and precompute_ref_logps=True do not combine: precomputed reference "
                 "log-probs would be stale after the first sync. Set one of them to false."
             )
+        if dtype is not None and model_name_or_path is None:
+            raise ValueError(
+                "ReferenceModel: dtype applies to a reference loaded from model_name_or_path; the copy of the "
+                "policy takes the policy's dtype and the Trainer's precision. Set model_name_or_path or drop dtype."
+            )
+        self.model_name_or_path, self.dtype, self.trust_remote_code = model_name_or_path, dtype, trust_remote_code
         self.sync_ref_model, self.mixup_alpha, self.sync_steps = sync_ref_model, mixup_alpha, sync_steps
         self.precompute_ref_logps, self.precompute_batch_size = precompute_ref_logps, precompute_batch_size
         self.cache_dir = cache_dir
@@ -135,6 +151,11 @@ class ReferenceModel(L.Callback):
         if self.policy is pl_module.model:  # already set up for this policy (fit, then validate)
             return
         self.policy = pl_module.model
+        if self.model_name_or_path is not None:  # TRL's ref_model: a separate model
+            reference = load_frozen_model(self.model_name_or_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+            check_same_logit_width(reference, self.model_name_or_path, pl_module, role="reference")
+            self.model = shard_frozen_model(reference, trainer, pl_module, convert=self.dtype is None)
+            return
         if is_peft_model(self.policy):
             if self.sync_ref_model:
                 raise ValueError(
@@ -145,8 +166,7 @@ class ReferenceModel(L.Callback):
             return
         # a copy of the initial policy: checkpoint weights are restored only after setup
         reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        reference = trainer.precision_plugin.convert_module(reference)
-        self.model = reference.to(trainer.strategy.root_device)
+        self.model = shard_frozen_model(reference, trainer, pl_module, convert=True)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.precompute_ref_logps or self.precomputed:
@@ -186,19 +206,32 @@ class ReferenceModel(L.Callback):
         ):
             if name != policy_name:
                 raise RuntimeError(f"reference and policy parameters differ: {name} vs {policy_name}")
-            param = param.full_tensor() if isinstance(param, DTensor) else param  # FSDP2 policy
+            if isinstance(ref, DTensor):  # both sharded alike (FSDP2): mix the local shards
+                ref, param = ref.to_local(), param.to_local()
+            elif isinstance(param, DTensor):
+                param = param.full_tensor()
             ref.copy_(alpha * param.detach() + (1 - alpha) * ref)
 
     def state_dict(self) -> dict:
         state = {"last_sync_step": self.last_sync_step}
         if self.sync_ref_model and self.model is not None:
-            state["reference"] = self.model.state_dict()  # synced: training state, needed for exact resume
+            # synced: training state, needed for exact resume (full tensors, also when sharded)
+            state["reference"] = {
+                name: value.full_tensor() if isinstance(value, DTensor) else value
+                for name, value in self.model.state_dict().items()
+            }
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_sync_step = state_dict["last_sync_step"]
         if "reference" in state_dict and self.model is not None:
-            self.model.load_state_dict(state_dict["reference"])
+            with torch.no_grad():
+                for name, value in self.model.state_dict().items():
+                    saved = state_dict["reference"][name]
+                    if isinstance(value, DTensor):  # sharded: this rank's shard of the full tensor
+                        saved = distribute_tensor(saved.to(value.device), value.device_mesh, value.placements).to_local()
+                        value = value.to_local()
+                    value.copy_(saved)
 
     # ------------------------------------------------------------------------------------------
     # Precomputation
@@ -234,12 +267,18 @@ class ReferenceModel(L.Callback):
         pl_module.eval()
         try:
             with trainer.precision_plugin.forward_context():
+                first = None  # the loader's first batch, for the padding forward below
                 for i, batch in enumerate(loader):
+                    first = batch if first is None else first
                     if i % world_size != rank:
                         continue
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
                     for name, values in pl_module.compute_ref_logps(batch).items():
                         parts.setdefault(name, [None] * len(sizes))[i] = values.detach().float().cpu()
+                # sharded reference: forwards are collective, so a rank with one batch fewer runs one more
+                fewer = len(range(rank, len(sizes), world_size)) < len(range(0, len(sizes), world_size))
+                if is_sharded(self.model) and fewer and first is not None:
+                    pl_module.compute_ref_logps(trainer.strategy.batch_to_device(first, pl_module.device))
         finally:
             pl_module.train(was_training)
         names = trainer.strategy.broadcast(sorted(parts), src=0)
@@ -256,8 +295,10 @@ class ReferenceModel(L.Callback):
         """Hash of what the precomputed values depend on: reference weights, data, method, precision."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{type(pl_module).__module__}.{type(pl_module).__qualname__}|{trainer.precision}".encode())
-        if self.model is not None:
-            named = list(self.model.state_dict().items())
+        if self.model is not None:  # sharded: the full tensors (collective; every rank computes the key)
+            named = [
+                (n, t.full_tensor() if isinstance(t, DTensor) else t) for n, t in self.model.state_dict().items()
+            ]
         else:  # LoRA: the frozen base weights
             named = [(n, p) for n, p in self.policy.named_parameters() if not p.requires_grad]
         for name, tensor in named:
@@ -293,3 +334,181 @@ def find_reference_model(trainer: L.Trainer, method: str) -> ReferenceModel:
             "trainer.callbacks) bypasses that: pass exactly one in trainer.callbacks."
         )
     return found[0]
+
+
+class TeacherModel(L.Callback):
+    """Provide a frozen teacher, loaded from its own path, to a distillation method (GKD, ...).
+
+    The teacher lives on this callback: not in the module's ``state_dict()``, ``parameters()``,
+    optimizer or checkpoint files; in eval mode, without gradients, on the module's device, sharded
+    like the policy under FSDP2. Teacher and student must share a vocabulary: checked at ``setup``.
+
+    Args:
+        model_name_or_path: hub id or local directory of the teacher (TRL ``teacher_model_name_or_path``).
+        dtype: parameter dtype of the teacher; None: float32, then cast by the Trainer's precision plugin.
+        tokenizer_name_or_path: the teacher's tokenizer when it is not next to the weights (compared
+            with the student's at ``setup``); None: ``model_name_or_path``.
+        attn_implementation: e.g. ``"sdpa"``, ``"eager"``.
+        trust_remote_code: allow model code from the hub for the teacher (off unless asked).
+
+    Example (the module adds one with its ``teacher_model_name_or_path`` when the Trainer has none):
+
+    >>> teacher = TeacherModel("examples/tiny-teacher")
+    >>> teacher.model is None  # loaded at setup
+    True
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        dtype: DType | None = None,
+        *,
+        tokenizer_name_or_path: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        if not model_name_or_path:
+            raise ValueError("TeacherModel: model_name_or_path is required (a hub id or a local model directory)")
+        self.model_name_or_path, self.dtype = model_name_or_path, dtype
+        self.tokenizer_name_or_path = tokenizer_name_or_path or model_name_or_path
+        self.attn_implementation, self.trust_remote_code = attn_implementation, trust_remote_code
+        self.model: torch.nn.Module | None = None  # the frozen teacher, loaded at setup
+        self.policy: torch.nn.Module | None = None  # the student it was set up for
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Teacher logits (N, T or logits_to_keep, V) for a batch, without gradients."""
+        if self.model is None:
+            raise RuntimeError("TeacherModel is not set up yet: it is set up by the Trainer (Callback.setup)")
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            use_cache=False,
+        ).logits
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.policy is pl_module.model:  # already set up for this student (fit, then validate)
+            return
+        teacher = load_frozen_model(
+            self.model_name_or_path,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+        )
+        check_same_vocabulary(teacher, self.model_name_or_path, self.tokenizer_name_or_path, pl_module, self.trust_remote_code)
+        self.model = shard_frozen_model(teacher, trainer, pl_module, convert=self.dtype is None)
+        self.policy = pl_module.model
+
+
+def find_teacher_model(trainer: L.Trainer, method: str) -> TeacherModel:
+    """The Trainer's one `TeacherModel` callback; a clear error naming ``method`` otherwise."""
+    found = [callback for callback in trainer.callbacks if isinstance(callback, TeacherModel)]
+    if len(found) != 1:
+        raise RuntimeError(
+            f"{method} needs exactly one lit_posttrain.callbacks.TeacherModel callback, the Trainer has "
+            f"{len(found)}. Add one: trainer.callbacks=[TeacherModel('<teacher path or hub id>')] (YAML: "
+            "class_path: lit_posttrain.callbacks.TeacherModel, init_args: {model_name_or_path: ...}); the module "
+            "adds one from its teacher_model_name_or_path in configure_callbacks when the Trainer has none, "
+            "but a Trainer built without calling fit bypasses that."
+        )
+    return found[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and sharding a frozen model (reference or teacher)
+# ----------------------------------------------------------------------------------------------
+def load_frozen_model(
+    model_name_or_path: str,
+    *,
+    dtype: DType | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """A causal LM from ``model_name_or_path`` in eval mode without gradients (float32 when ``dtype`` is None)."""
+    model = load_model(
+        model_name_or_path,
+        dtype=dtype or "float32",
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    return model.eval().requires_grad_(False)
+
+
+def shard_frozen_model(
+    model: torch.nn.Module, trainer: L.Trainer, pl_module: L.LightningModule, *, convert: bool
+) -> torch.nn.Module:
+    """Cast (``convert``: by the precision plugin), move to the root device, and under FSDP2 shard like the policy.
+
+    FSDP2 (``pl_module.device_mesh`` set by ``ModelParallelStrategy``): ``fully_shard`` on each decoder
+    layer, then the root, on the data-parallel mesh, as the methods' ``configure_model`` does for the
+    policy; ``reshard_after_forward=True`` everywhere (also the root: there is no backward to keep
+    the gathered parameters for), so between forwards each rank holds only its shards.
+    """
+    if convert:
+        model = trainer.precision_plugin.convert_module(model)
+    model = model.to(trainer.strategy.root_device)
+    mesh = pl_module.device_mesh
+    if mesh is None:
+        return model
+    mesh = mesh["data_parallel"]
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _logit_width(model: torch.nn.Module) -> int:
+    return unwrap_peft(model).get_output_embeddings().weight.shape[0]
+
+
+def _student_name(pl_module: L.LightningModule) -> str:
+    return str(pl_module.hparams.get("model_name_or_path", type(pl_module).__name__))
+
+
+def check_same_logit_width(model: torch.nn.Module, path: str, pl_module: L.LightningModule, *, role: str) -> None:
+    """Raise naming both models when ``model``'s logits are not as wide as the policy's."""
+    width, policy_width = _logit_width(model), _logit_width(pl_module.model)
+    if width != policy_width:
+        raise ValueError(
+            f"the {role} model {path} has {width} logits per token but the policy {_student_name(pl_module)} has "
+            f"{policy_width}: the two must share a vocabulary (same tokenizer, same embedding size)"
+        )
+
+
+def check_same_vocabulary(
+    teacher: torch.nn.Module,
+    teacher_path: str,
+    teacher_tokenizer_path: str,
+    pl_module: L.LightningModule,
+    trust_remote_code: bool = False,
+) -> None:
+    """Raise naming both paths and sizes unless teacher and student share a vocabulary.
+
+    Compared: the models' logit widths, and the tokenizers' token -> id maps (the student's is
+    ``pl_module.tokenizer``; the teacher's is loaded from ``teacher_tokenizer_path``).
+    """
+    check_same_logit_width(teacher, teacher_path, pl_module, role="teacher")
+    student_tokenizer = pl_module.tokenizer
+    teacher_tokenizer = load_tokenizer(teacher_tokenizer_path, trust_remote_code=trust_remote_code)
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])[:3]
+        raise ValueError(
+            f"teacher and student do not share a vocabulary: the teacher tokenizer {teacher_tokenizer_path} has "
+            f"{len(teacher_vocab)} tokens, the student tokenizer {student_tokenizer.name_or_path or _student_name(pl_module)} "
+            f"has {len(student_vocab)}; first differing (token, id) pairs: {differing}. Distillation compares the "
+            "two distributions token by token, so both must use the same tokenizer."
+        )
