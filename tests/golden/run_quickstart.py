@@ -40,7 +40,9 @@ def run(name: str, out: Path) -> None:
     run_dir = out / "outputs" / f"quickstart-{name}"
     (log_dir,) = run_dir.glob("lightning_logs/version_*")
     metrics_csv = log_dir / "metrics.csv"
-    rows = list(csv.DictReader(metrics_csv.open()))
+    # diagnostics/* measure the machine (memory, data wait), not the algorithm: not recorded
+    rows = [{k: v for k, v in row.items() if not k.startswith("diagnostics/")} for row in csv.DictReader(metrics_csv.open())]
+    rows = [row for row in rows if any(v != "" for k, v in row.items() if k not in ("epoch", "step"))]
     columns = sorted({column for row in rows for column in row})
     with (out / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -54,5 +56,24 @@ def run(name: str, out: Path) -> None:
     (out / f"{name}.json").write_text(json.dumps(digests, indent=1) + "\n")
 
 
+def kernel_fingerprint() -> str:
+    """sha256 of the gradients of one fixed training step of the tiny model (fp32, 2 threads): equal on
+    machines whose CPU kernels compute the recorded runs bit for bit, different where the kernels round
+    differently (another instruction set picks other matmul kernels)."""
+    from lit_posttrain.models import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = load_model(str(ROOT / "examples" / "tiny-model"), random_init=True, init_seed=0)
+        ids = torch.randint(2, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    return hashlib.sha256(grads.numpy().tobytes()).hexdigest()
+
+
 if __name__ == "__main__":
     run(sys.argv[1], Path(sys.argv[2]).resolve())
+    (Path(sys.argv[2]) / "machine.json").write_text(json.dumps({"kernel_fingerprint": kernel_fingerprint()}) + "\n")
