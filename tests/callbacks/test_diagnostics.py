@@ -579,8 +579,11 @@ def test_live_without_a_logger(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_live_non_finite_loss_stops_the_run(tiny_model_dir, tmp_path):
-    """SFT with an absurd learning rate: the loss turns NaN, LPT001 is raised and the run stops early."""
+    """SFT with an absurd learning rate: the loss turns NaN and the run stops at that step, before the
+    optimizer applies it (`ops.finite_grad_norm`, every method; LPT001 remains for `lit-posttrain
+    diagnose` on a run's metrics.csv), with an error, not a quiet early stop."""
     from lit_posttrain import SFTDataModule, SFTModule
+    from lit_posttrain.ops import NonFiniteError
 
     L.seed_everything(0)
     module = SFTModule(tiny_model_dir, random_init=True, optimizer=lambda p: torch.optim.SGD(p, lr=1e12))
@@ -598,10 +601,10 @@ def test_live_non_finite_loss_stops_the_run(tiny_model_dir, tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, SFTDataModule(tiny_model_dir, train_data=rows, batch_size=8, max_length=32))
-    event = next(e for e in callback.findings if e.code == "LPT001")
-    assert event.severity == "error" and trainer.global_step <= event.step + 2 < 10
-    assert any(r["code"] == "LPT001" for r in read_jsonl(Path(trainer.log_dir) / "diagnostics.jsonl"))
+    with pytest.raises(NonFiniteError, match=r"step (\d+): the gradient norm is (nan|inf)") as caught:
+        trainer.fit(module, SFTDataModule(tiny_model_dir, train_data=rows, batch_size=8, max_length=32))
+    assert trainer.global_step == int(caught.value.args[0].split(":")[0].split()[1]) < 10
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 _DDP_SCRIPT = '''
@@ -689,7 +692,7 @@ def test_learning_signal_names_the_step_of_each_column_and_a_stale_after(tiny_mo
     from lit_posttrain import SFTDataModule, SFTModule
     from lit_posttrain.callbacks import LearningSignal
 
-    signal = LearningSignal(["val/loss"])
+    signal = LearningSignal(["val/loss"], final_validation=False)  # (by default the final step is validated)
     data = SFTDataModule(tiny_model_dir, train_data="examples/data/sft/val.jsonl", val_data="examples/data/sft/val.jsonl",
                          batch_size=8, max_length=16)  # fmt: skip
     trainer = L.Trainer(max_steps=3, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=1, accelerator="cpu",
