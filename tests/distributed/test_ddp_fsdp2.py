@@ -123,7 +123,9 @@ def test_kto_reference_point_is_reduced_over_ranks(strategy, single_runs, multi_
     a per-rank or per-micro-batch one (rtol 1e-4)."""
     single, multi = metrics(single_runs / "kto_single"), metrics(multi_runs / f"kto_{strategy}")
     kls = [float(single[step]["train/kl"]) for step in sorted(single)]
-    assert kls[0] == 0.0 and kls[-1] > 0.01, kls
+    # 0 up to rounding at the first step: on some CPUs the policy's forward (with autograd) and the
+    # reference's (no grad) round differently in the last bits (measured here: 1.9e-6)
+    assert abs(kls[0]) < 1e-5 and kls[-1] > 0.01, kls
     for step in single:
         assert math.isclose(float(multi[step]["train/kl"]), float(single[step]["train/kl"]), rel_tol=RTOL, abs_tol=1e-6)
 
