@@ -127,7 +127,7 @@ def test_kto_reference_point_is_reduced_over_ranks(strategy, single_runs, multi_
     # reference's (no grad) round differently in the last bits (measured here: 1.9e-6)
     assert abs(kls[0]) < 1e-5 and kls[-1] > 0.01, kls
     for step in single:
-        assert math.isclose(float(multi[step]["train/kl"]), float(single[step]["train/kl"]), rel_tol=RTOL, abs_tol=1e-6)
+        assert math.isclose(float(multi[step]["train/kl"]), float(single[step]["train/kl"]), rel_tol=RTOL, abs_tol=1e-5)
 
 
 def test_generation_lockstep_with_uneven_completion_lengths(multi_runs):
