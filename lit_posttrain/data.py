@@ -196,7 +196,10 @@ def _odd_value(rows: list) -> str:
         if len(counts) > 1:
             common = max(counts, key=counts.get)
             i = next(i for i, k in enumerate(kinds) if k not in (None, common))
-            return f"row {i}, column '{column}': expected a {common} like most rows, got {_show(rows[i][column])}"
+            expected = {"bool": "true or false", "number": "a number", "str": "a string", "list": "a list"}.get(
+                common, f"a {common}"
+            )  # what most rows hold, in check_rows' words
+            return f"row {i}, column '{column}': expected {expected}, got {_show(rows[i][column])}"
     return "the rows cannot be stored as one table"
 
 

@@ -44,7 +44,7 @@ def test_command_line_data_paths_stay_paths(tmp_path, monkeypatch, suffix):
         ("broken.json", b'[{"prompt": "1+1=", "completion": "2"},\n{"prompt": "1+2=" "completion": "3"}]', r"broken\.json: not valid JSON at line 2"),
         ("latin.jsonl", b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2=", "completion": "\xe9"}\n', r"latin\.jsonl: line 2 is not UTF-8 text \(byte 0xe9"),
         # a wrong-typed value in row 1 (0-based): Arrow stores the column as JSON and converts row 0 too
-        ("mixed.jsonl", b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2=", "completion": 3}\n{"prompt": "1+3=", "completion": "4"}\n', r"mixed\.jsonl: row 1, column 'completion': expected a str like most rows, got 3"),
+        ("mixed.jsonl", b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2=", "completion": 3}\n{"prompt": "1+3=", "completion": "4"}\n', r"mixed\.jsonl: row 1, column 'completion': expected a string, got 3"),
     ],
 )
 def test_bad_data_files_are_named_with_file_and_line(tmp_path, name, content, expected):

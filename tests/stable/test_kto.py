@@ -242,7 +242,8 @@ def test_learning_signal_held_out_margins(tiny_model_dir):
     trainer.fit(module, dm)
     assert [type(cb) for cb in trainer.callbacks].count(ReferenceModel) == 1  # added by configure_callbacks
     assert signal.before["val/loss"] == pytest.approx(0.5, abs=1e-6)
-    assert abs(signal.before["val/rewards/margins"]) < 1e-5 and signal.before["val/kl"] == 0.0
+    # 0 up to rounding before training (policy and reference forwards may round differently in the last bits)
+    assert abs(signal.before["val/rewards/margins"]) < 1e-5 and abs(signal.before["val/kl"]) < 1e-5
     assert signal.after["val/rewards/margins"] > 0.15
     assert signal.after["val/loss"] < signal.before["val/loss"] - 0.01
     for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "entropy", "kl"):
@@ -297,5 +298,5 @@ def test_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
         assert live[step].keys() == pre[step].keys()
         for name, value in live[step].items():
             assert pre[step][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
-    assert live[0]["train/kl"] == 0.0 and live[1]["train/kl"] > 0.5
+    assert abs(live[0]["train/kl"]) < 1e-5 and live[1]["train/kl"] > 0.5
     assert math.isfinite(trainer.callback_metrics["val/rewards/margins"])
