@@ -6,7 +6,8 @@
 
 The model (``model.class_path``) and data (``data.class_path``) are any LightningModule /
 LightningDataModule; ``model.init_args.model_name_or_path`` is linked to the DataModule's
-``tokenizer`` unless the module names a separate ``tokenizer_name_or_path``. Reward functions and
+``tokenizer`` unless the module names a separate ``tokenizer_name_or_path``, and its
+``trust_remote_code`` to the DataModule's (one switch for both). Reward functions and
 other callables can be given as import paths; the working directory is importable, so a
 ``my_rewards.py`` next to your config works as ``my_rewards.my_reward``.
 
@@ -152,6 +153,8 @@ class PostTrainCLI(LightningCLI):
             "data.init_args.tokenizer",
             compute_fn=_tokenizer_source,
         )
+        # one switch: a tokenizer that needs its repository's code needs the same permission as the model
+        parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
 
     def _parse_ckpt_path(self) -> None:
         """Compare the checkpoint's saved hyperparameters with the config; never apply them.

@@ -16,18 +16,31 @@ Formats (the field's usual column names):
 Each text column is either a string ("plain") or a list of ``{"role", "content"}`` messages
 ("conversational"). `check_rows` validates every row before training starts and raises a
 `DataFormatError` naming the source, row index, column and what was expected.
+
+Tokenization is cached across runs (`tokenize_cached`): a rerun with the same data, tokenizer, options
+and code reads the tokenized rows back instead of tokenizing again. The cache lives in
+``$LIT_POSTTRAIN_CACHE`` (default ``~/.cache/lit_posttrain/tokenized``); ``LIT_POSTTRAIN_CACHE=off``
+switches it off. Delete the directory to reclaim its space.
 """
 
 from __future__ import annotations
 
+import builtins
+import hashlib
+import inspect
 import json
 import os
+import uuid
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
 
 import datasets
 import pyarrow as pa
 import torch
+from datasets.fingerprint import Hasher
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 # os.PathLike in the union keeps paths paths on the command line: without it jsonargparse would read a
@@ -201,6 +214,121 @@ def _odd_value(rows: list) -> str:
             )  # what most rows hold, in check_rows' words
             return f"row {i}, column '{column}': expected {expected}, got {_show(rows[i][column])}"
     return "the rows cannot be stored as one table"
+
+
+def tokenize_cached(owner: Any, tokenize: Callable[..., Any], rows: datasets.Dataset, *args: Any) -> Any:
+    """``tokenize(rows, *args)``, shown with a progress bar and cached on disk across runs.
+
+    The cache key is everything the result depends on: the rows (their `datasets` fingerprint, which
+    follows the content of in-memory data and the files' modification times of file data), the
+    tokenizer (`datasets`' hash of it: vocabulary, chat template, special tokens), ``owner``'s class
+    and hyperparameters, ``args`` (e.g. the source name its messages quote), the source file of
+    ``owner``'s class and the versions of this package and of transformers. Warnings that
+    ``tokenize`` raises are stored with the result and raised again on a cache hit; an error is never
+    cached. Results that are not plain JSON (the cache is JSON: nothing read back can run code) are
+    simply not cached.
+
+    Every process reads and writes the cache on its own (writes are atomic renames), so under DDP
+    every rank tokenizes on the first run and reads the cache afterwards.
+    """
+    root = _cache_root()
+    key = _cache_key(owner, rows, args) if root is not None else None
+    file = root / f"{key}.json" if key is not None else None
+    if file is not None and file.is_file():
+        try:
+            cached = json.loads(file.read_text())
+        except (OSError, ValueError):
+            cached = None  # unreadable (a full disk, a foreign file): tokenize again
+        if cached is not None:
+            for category, message in cached["warnings"]:
+                warnings.warn(message, _warning_class(category), stacklevel=2)
+            return cached["result"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = tokenize(_Progress(rows, f"Tokenizing {type(owner).__name__}"), *args)
+    raised = [(type(w.message).__name__, str(w.message)) for w in caught]
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if file is not None:
+        try:
+            text = json.dumps({"warnings": raised, "result": result})
+        except (TypeError, ValueError):  # a value JSON cannot hold (bytes, dates): nothing to cache
+            return result
+        tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, file)
+        except OSError:  # a read-only or full cache directory costs the cache, not the run
+            tmp.unlink(missing_ok=True)
+    return result
+
+
+def _cache_root() -> Path | None:
+    setting = os.environ.get("LIT_POSTTRAIN_CACHE", "")
+    if setting.lower() in ("off", "0", "false", "none"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lit_posttrain" / "tokenized"
+
+
+def _cache_key(owner: Any, rows: Any, args: tuple) -> str | None:
+    fingerprint = getattr(rows, "_fingerprint", None)
+    if not isinstance(rows, datasets.Dataset) or not fingerprint:
+        return None
+    import transformers
+
+    import lit_posttrain
+
+    cls = type(owner)
+    hparams = {k: v for k, v in dict(getattr(owner, "hparams", {})).items() if k not in ("tokenizer", "train_data", "val_data")}
+    try:
+        code = Path(inspect.getsourcefile(cls)).read_bytes()
+    except (OSError, TypeError):
+        return None  # no source to tell a code change by
+    parts = [
+        fingerprint,
+        Hasher.hash(owner.tokenizer),
+        f"{cls.__module__}.{cls.__qualname__}",
+        json.dumps(hparams, sort_keys=True, default=repr),
+        json.dumps(args, default=repr),
+        hashlib.sha256(code).hexdigest(),
+        lit_posttrain.__version__,
+        transformers.__version__,
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _warning_class(name: str) -> type[Warning]:
+    category = getattr(builtins, name, None)
+    return category if isinstance(category, type) and issubclass(category, Warning) else UserWarning
+
+
+class _Progress:
+    """``rows`` as they are (columns, length, indexing), iterated with a progress bar on rank 0 when
+    there are enough rows for tokenizing them to take a noticeable time."""
+
+    MIN_ROWS = 2000
+
+    def __init__(self, rows: datasets.Dataset, description: str):
+        self._rows, self._description = rows, description
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rows, name)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        return self._rows[index]
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        quiet = len(self._rows) < self.MIN_ROWS or rank_zero_only.rank != 0
+        return iter(tqdm(self._rows, desc=self._description, unit=" rows", disable=quiet, leave=False))
 
 
 def split_rows(

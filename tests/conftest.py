@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 # no network at test time: everything is built locally
@@ -7,6 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LIT_POSTTRAIN_SILENCE_EXPERIMENTAL", "1")
+# the tokenization cache of this test session only (never the user's ~/.cache)
+os.environ.setdefault("LIT_POSTTRAIN_CACHE", tempfile.mkdtemp(prefix="lit-posttrain-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -300,3 +300,41 @@ def test_a_diverged_run_stops_before_the_weights_and_keeps_the_good_export(tmp_p
         fit(1e6)
     assert hashlib.sha256(exported.read_bytes()).hexdigest() == good
     assert all(torch.isfinite(p).all() for p in modules[-1].parameters())  # the bad step never applied
+
+
+def test_a_tokenizer_that_needs_remote_code_loads_only_when_asked(tmp_path):
+    """A DataModule never runs a tokenizer repository's code unless trust_remote_code is set (the CLI sets it
+    from the model's: one switch)."""
+    import shutil
+
+    from lit_posttrain import SFTDataModule
+    from lit_posttrain.cli import cli_main
+
+    repo = tmp_path / "remote-tokenizer"
+    shutil.copytree(ROOT / "examples" / "tiny-model", repo)
+    marker = tmp_path / "code-ran"
+    (repo / "custom_tokenizer.py").write_text(
+        "from pathlib import Path\nfrom transformers import PreTrainedTokenizerFast\n"
+        f"Path({str(marker)!r}).write_text('ran')\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((repo / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+    (repo / "tokenizer_config.json").write_text(json.dumps(config))
+
+    try:  # transformers either refuses or loads the repository's plain tokenizer files: never its code
+        unasked = SFTDataModule(str(repo), train_data=SFT_ROWS)
+        assert type(unasked.tokenizer).__name__ != "CustomTokenizer"
+    except ValueError as err:
+        assert "trust_remote_code" in str(err)
+    assert not marker.exists()
+    dm = SFTDataModule(str(repo), train_data=SFT_ROWS, trust_remote_code=True)
+    assert type(dm.tokenizer).__name__ == "CustomTokenizer" and marker.exists()
+
+    cli = cli_main(
+        ["--config", str(ROOT / "configs/quickstart/sft.yaml"), "--trainer.logger", "false",
+         "--model.init_args.model_name_or_path", str(ROOT / "examples/tiny-model"),
+         "--model.init_args.trust_remote_code", "true"],
+        run=False,
+    )
+    assert cli.datamodule.hparams.trust_remote_code is True

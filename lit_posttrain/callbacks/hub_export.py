@@ -16,9 +16,12 @@ for reward models) and nothing from this package:
             adapter/                only with ``lora_export="both"``: the LoRA adapter
 
 Each of ``final/`` and ``checkpoint-<step>/`` is written whole into a hidden temporary directory
-beside it (``.final.tmp-*``) and then renamed into place, so a reader never sees a half-written
-export and a failed write leaves the previous export untouched. A periodic ``checkpoint-<step>/``
-replaces an earlier one of the same name.
+beside it (``.final.tmp-<host>-<pid>-*``) and then renamed into place, so a reader never sees a
+half-written export and a failed write leaves the previous export untouched. A periodic
+``checkpoint-<step>/`` replaces an earlier one of the same name. A run killed while exporting
+(SIGKILL, a node failure) leaves its temporary directory behind: the next run's ``setup`` removes
+those of processes of this machine that no longer run, and puts back a previous export a kill
+caught between the two renames (``.final.old-*`` while ``final/`` is missing).
 
 An export is never lost or replaced by a broken one:
 
@@ -82,6 +85,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -90,6 +94,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from huggingface_hub import HfApi, ModelCardData
 from peft import PeftModel
@@ -99,6 +104,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from lit_posttrain.data import describe_source
+from lit_posttrain.rollout.base import pid_alive
 from lit_posttrain.models import (
     dequantize_state_dict,
     dequantized_numel,
@@ -169,6 +175,9 @@ class HubExport(L.Callback):
         self._last_exported_step = -1
         if trainer.fast_dev_run:  # writes nothing: nothing to check
             return
+        if trainer.is_global_zero:
+            for line in clean_interrupted_exports(self._export_dir):
+                rank_zero_info(f"HubExport: {line}")
         error = self._directory_error() if trainer.is_global_zero else None
         error = trainer.strategy.broadcast(error)  # every rank raises rank 0's verdict together
         if error is not None:
@@ -523,6 +532,47 @@ def _plain_copy(
     return model_copy.eval()
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def clean_interrupted_exports(export_dir: Path) -> list[str]:
+    """Remove what killed exports of this machine left in ``export_dir``; returns what was done.
+
+    ``.<name>.tmp-<host>-<pid>-*`` of a dead process is a half-written export: removed. A
+    ``.<name>.old-<host>-<pid>-*`` of a dead process is a complete earlier export, renamed aside just
+    before the new one would have replaced it: put back as ``<name>`` when that is missing, else
+    removed. Directories of live processes and of other machines (a shared filesystem) are left.
+    """
+    if not export_dir.is_dir():
+        return []
+    done = []
+    for entry in sorted(export_dir.iterdir()):
+        name, kind, host, pid = _export_temp_parts(entry.name)
+        if name is None or host != _HOST or pid_alive(pid):
+            continue
+        target = export_dir / name
+        if kind == "old" and not target.exists():
+            os.rename(entry, target)
+            done.append(f"put back {target} (an export a killed run had moved aside)")
+            continue
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        shutil.rmtree(entry, ignore_errors=True)
+        done.append(f"removed {entry} ({size / 2**20:.0f} MiB left by a killed export)")
+    return done
+
+
+def _export_temp_parts(filename: str) -> tuple[str | None, str | None, str | None, int]:
+    """``.final.tmp-host-123-abc`` -> ("final", "tmp", "host", 123); (None, ...) for anything else."""
+    for kind in ("tmp", "old"):
+        marker = f".{kind}-"
+        if filename.startswith(".") and marker in filename:
+            name, rest = filename[1:].split(marker, 1)
+            parts = rest.split("-")
+            if len(parts) == 3 and parts[1].isdigit():
+                return name, kind, parts[0], int(parts[1])
+    return None, None, None, 0
+
+
 @contextmanager
 def _atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole.
@@ -532,7 +582,7 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
     renames leaves both on disk (``.<name>.old-*`` and ``.<name>.tmp-*``), never neither.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = target.with_name(f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()  # not tempfile.mkdtemp: that makes the export private (0700) regardless of umask
     try:
         yield tmp

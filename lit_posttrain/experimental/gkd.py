@@ -90,6 +90,7 @@ from lit_posttrain.data import (
     describe_source,
     load_rows,
     split_rows,
+    tokenize_cached,
 )
 from lit_posttrain.experimental import warn_experimental
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
@@ -145,6 +146,8 @@ class GKDDataModule(L.LightningDataModule):
         val_dataset_split: split to read ``val_data`` from (e.g. ``test``); default ``dataset_split``.
         dataset_config: hub dataset configuration name.
         columns: maps the expected column names to the data's (``{prompt: question, completion: answer}``).
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(
@@ -162,10 +165,11 @@ class GKDDataModule(L.LightningDataModule):
         val_dataset_split: str | None = None,
         dataset_config: str | None = None,
         columns: dict[str, str] | None = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
         self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
         self.num_workers, self.seed = num_workers, seed
@@ -197,8 +201,8 @@ class GKDDataModule(L.LightningDataModule):
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
             val_source = f"{source} (validation split)"
-        self.train_examples = self._tokenize(train, source)
-        self.val_examples = self._tokenize(val, val_source) if val is not None else None
+        self.train_examples = tokenize_cached(self, self._tokenize, train, source)
+        self.val_examples = tokenize_cached(self, self._tokenize, val, val_source) if val is not None else None
 
     def _check(self, rows, source: str) -> None:
         columns = set(rows.column_names)

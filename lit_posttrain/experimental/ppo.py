@@ -122,6 +122,7 @@ from lit_posttrain.data import (
     is_conversational,
     load_rows,
     split_rows,
+    tokenize_cached,
 )
 from lit_posttrain.experimental import warn_experimental
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
@@ -183,6 +184,8 @@ class PPODataModule(L.LightningDataModule):
         dataset_config: hub dataset configuration name.
         columns: maps the expected column names to the data's (``{prompt: question}``).
         system_prompt: when set, each prompt becomes a conversation that starts with this system message.
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(
@@ -200,10 +203,11 @@ class PPODataModule(L.LightningDataModule):
         dataset_config: str | None = None,
         columns: dict[str, str] | None = None,
         system_prompt: str | None = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
         self.batch_size, self.max_prompt_length = batch_size, max_prompt_length
         self.num_workers, self.seed = num_workers, seed
@@ -224,8 +228,8 @@ class PPODataModule(L.LightningDataModule):
             val = self._load(self.val_data, self.val_dataset_split)
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
-        self.train_examples = self._tokenize(train)
-        self.val_examples = self._tokenize(val) if val is not None else None
+        self.train_examples = tokenize_cached(self, self._tokenize, train)
+        self.val_examples = tokenize_cached(self, self._tokenize, val) if val is not None else None
 
     def _load(self, data: DatasetSource, split: str):
         """Rows of ``data`` (its ``split``), renamed as ``columns`` says; each checked to have a prompt."""

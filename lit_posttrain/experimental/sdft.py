@@ -91,6 +91,7 @@ from lit_posttrain.data import (
     is_conversational,
     load_rows,
     split_rows,
+    tokenize_cached,
 )
 from lit_posttrain.experimental import warn_experimental
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, is_peft_model, load_model, load_tokenizer
@@ -170,6 +171,8 @@ class SDFTDataModule(L.LightningDataModule):
         columns: maps the expected column names to the data's (``{privileged_context: solution}``).
         system_prompt: when set, each prompt (student and teacher) becomes a conversation that starts
             with this system message.
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class SDFTDataModule(L.LightningDataModule):
         dataset_config: str | None = None,
         columns: dict[str, str] | None = None,
         system_prompt: str | None = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
@@ -196,7 +200,7 @@ class SDFTDataModule(L.LightningDataModule):
                 "teacher_prompt_template must contain both {prompt} and {privileged_context}, got "
                 f"{teacher_prompt_template!r}"
             )
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
         self.batch_size, self.max_prompt_length = batch_size, max_prompt_length
         self.teacher_prompt_template = teacher_prompt_template
@@ -220,8 +224,8 @@ class SDFTDataModule(L.LightningDataModule):
             val = self._load(self.val_data, self.val_dataset_split)
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
-        self.train_examples = self._tokenize(train)
-        self.val_examples = self._tokenize(val) if val is not None else None
+        self.train_examples = tokenize_cached(self, self._tokenize, train)
+        self.val_examples = tokenize_cached(self, self._tokenize, val) if val is not None else None
 
     def _load(self, data: DatasetSource, split: str):
         """Rows of ``data`` (its ``split``), renamed as ``columns`` says; each checked for both columns."""

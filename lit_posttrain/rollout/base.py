@@ -89,12 +89,13 @@ def process_tmpdir(prefix: str) -> Path:
     root = Path(tempfile.gettempdir())
     for stale in root.glob(f"{prefix}*"):
         pid = stale.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

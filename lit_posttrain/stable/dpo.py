@@ -70,6 +70,7 @@ from lit_posttrain.data import (
     is_conversational,
     load_rows,
     split_rows,
+    tokenize_cached,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
 from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_sum, pad, selective_log_softmax
@@ -200,6 +201,8 @@ class DPODataModule(L.LightningDataModule):
 
     For `ReferenceModel` precomputation it also offers ``ordered_dataloader(split, batch_size)``
     and ``add_columns(split, columns)``.
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(
@@ -217,10 +220,11 @@ class DPODataModule(L.LightningDataModule):
         val_dataset_split: str | None = None,
         dataset_config: str | None = None,
         columns: dict[str, str] | None = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.num_workers, self.seed = num_workers, seed
@@ -247,9 +251,9 @@ class DPODataModule(L.LightningDataModule):
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
             val_source = f"{source} (validation split)"
-        self.examples["train"] = self._tokenize(train, source)
+        self.examples["train"] = tokenize_cached(self, self._tokenize, train, source)
         if val is not None:
-            self.examples["val"] = self._tokenize(val, val_source)
+            self.examples["val"] = tokenize_cached(self, self._tokenize, val, val_source)
 
     def _check(self, rows, source: str) -> None:
         if "prompt" in rows.column_names:

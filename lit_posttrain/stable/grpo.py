@@ -100,6 +100,7 @@ from lit_posttrain.data import (
     is_conversational,
     load_rows,
     split_rows,
+    tokenize_cached,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
 from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_mean, pad, selective_log_softmax
@@ -172,6 +173,8 @@ class GRPODataModule(L.LightningDataModule):
         max_length: deprecated alias of ``max_prompt_length`` (removed in 0.3). ``max_length: null``
             now means "not given": keep whole prompts with ``max_prompt_length: null``.
         prompt_column: deprecated (removed in 0.3): ``columns: {prompt: <prompt_column>}``.
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(
@@ -191,6 +194,7 @@ class GRPODataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         max_length: int | None = None,
         prompt_column: str | None = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
@@ -221,7 +225,7 @@ class GRPODataModule(L.LightningDataModule):
                 stacklevel=2,
             )
             columns = {**(columns or {}), "prompt": prompt_column}
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
         self.batch_size, self.max_prompt_length = batch_size, max_prompt_length
         self.num_workers, self.seed = num_workers, seed
@@ -244,8 +248,8 @@ class GRPODataModule(L.LightningDataModule):
             val = self._load(self.val_data, self.val_dataset_split)
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
-        self.train_examples = self._tokenize(train)
-        self.val_examples = self._tokenize(val) if val is not None else None
+        self.train_examples = tokenize_cached(self, self._tokenize, train)
+        self.val_examples = tokenize_cached(self, self._tokenize, val) if val is not None else None
 
     def _load(self, data: DatasetSource, split: str):
         """Rows of ``data`` (its ``split``), renamed as ``columns`` says; each checked to have a prompt."""

@@ -53,6 +53,7 @@ from lit_posttrain.data import (
     describe_source,
     load_rows,
     split_rows,
+    tokenize_cached,
 )
 from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
 from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, pad, selective_log_softmax
@@ -176,6 +177,8 @@ class SFTDataModule(L.LightningDataModule):
         dataset_config: hub dataset configuration name (e.g. ``"main"`` for ``openai/gsm8k``).
         columns: maps the column names SFT expects to the data's own, e.g.
             ``{prompt: question, completion: answer}``; unmapped columns keep their names.
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(
@@ -195,10 +198,11 @@ class SFTDataModule(L.LightningDataModule):
         val_dataset_split: str | None = None,
         dataset_config: str | None = None,
         columns: dict[str, str] | None = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.train_data, self.val_data = train_data, val_data
         self.batch_size, self.max_length, self.packing = batch_size, max_length, packing
         self.completion_only_loss, self.assistant_only_loss = completion_only_loss, assistant_only_loss
@@ -225,8 +229,8 @@ class SFTDataModule(L.LightningDataModule):
         elif self.val_size:
             train, val = split_rows(train, self.val_size, seed=self.seed)
             val_source = f"{source} (validation split)"
-        self.train_examples = self._pack(self._tokenize(train, source))
-        self.val_examples = self._pack(self._tokenize(val, val_source)) if val is not None else None
+        self.train_examples = self._pack(tokenize_cached(self, self._tokenize, train, source))
+        self.val_examples = self._pack(tokenize_cached(self, self._tokenize, val, val_source)) if val is not None else None
 
     def _check(self, rows, source: str) -> None:
         columns = set(rows.column_names)

@@ -505,3 +505,37 @@ def test_card_names_local_paths_by_name(tmp_path, monkeypatch):
         **dataclasses.asdict(LoRAConfig()),
         "target_modules": ["q_proj"],
     }
+
+
+def test_a_killed_export_is_cleaned_up_by_the_next_run(tiny_model_dir, train_file, tmp_path):
+    """What a SIGKILL during an export leaves (a half-written temporary directory; an earlier export moved
+    aside) is removed or put back at the next run's setup; live processes' and other machines' are kept."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    killed = (
+        "import os, signal, sys\nfrom pathlib import Path\n"
+        "from lit_posttrain.callbacks.hub_export import _atomic_directory\n"
+        "with _atomic_directory(Path(sys.argv[1]) / 'final') as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'x' * 2**20)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", killed, str(out)], capture_output=True)
+    assert run.returncode == -signal.SIGKILL
+    (half_written,) = out.glob(".final.tmp-*")
+    dead_pid = int(half_written.name.split("-")[-2])
+    host = hub_export_module._HOST
+    moved_aside = out / f".checkpoint-2.old-{host}-{dead_pid}-0123456789ab"
+    moved_aside.mkdir()
+    (moved_aside / "config.json").write_text("{}")
+    live = out / f".checkpoint-4.tmp-{host}-{os.getpid()}-0123456789ab"  # this process: still exporting
+    elsewhere = out / f".final.tmp-otherhost-{dead_pid}-0123456789ab"  # a shared filesystem's other node
+    live.mkdir(), elsewhere.mkdir()
+
+    fit(TinyModule(tiny_model_dir), train_file, tmp_path, [HubExport(out)], max_steps=1)
+    assert not half_written.exists()
+    assert (out / "checkpoint-2" / "config.json").read_text() == "{}" and not moved_aside.exists()
+    assert live.is_dir() and elsewhere.is_dir()
+    assert (out / "final" / "model.safetensors").is_file()
