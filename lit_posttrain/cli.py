@@ -85,6 +85,7 @@ Methods (model.class_path / data.class_path):
     gkd.GKDModule     generalized knowledge distillation from a frozen TeacherModel
     distill.DistillationModule   on-policy distillation (reverse KL to a TeacherModel)
     sdft.SDFTModule   self-distilled fine-tuning (the model with a privileged context teaches itself)
+    async_grpo.AsyncGRPOModule   GRPO with generation on a vLLM process running ahead of training
 
 Quickstarts (CPU, tiny local model, a few minutes each): configs/quickstart/*.yaml
 Options of a method: lit-posttrain fit --model.help lit_posttrain.GRPOModule

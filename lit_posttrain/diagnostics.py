@@ -793,6 +793,8 @@ class Diagnoser:
         got = self._recent("train/sampling/logp_diff/mean")
         if got is None:
             return None
+        if float(row.get("async/staleness/mean") or 0) > 0:  # asynchronous GRPO: the policy lag, by design
+            return None
         diff = _median(got[0])
         if not diff > self.t.logp_diff:
             return None

@@ -17,7 +17,8 @@ several ranks are served one after another (one engine, continuous batching insi
 HTTP endpoints (JSON answers):
 - ``GET /health``: ``{"status": "ok", "num_weight_updates": n}``
 - ``POST /generate``: JSON ``{"prompt_ids", "num_generations", "max_completion_length",
-  "temperature", "top_p", "top_k", "stop_token_ids"}`` ->
+  "temperature", "top_p", "top_k", "stop_token_ids", "seed" (optional: prompt i samples with
+  seed + i, so a request's completions do not depend on what the server served before)}`` ->
   ``{"completion_ids", "logps"}`` (prompt-major; log-probs of the sampled tokens after
   temperature / top-k / top-p)
 - ``POST /update_weights/begin``, ``/update_weights/chunk`` (body: safetensors bytes with
@@ -124,6 +125,7 @@ class VLLMServer(ThreadingHTTPServer):
             top_k=request["top_k"],
             stop_token_ids=request["stop_token_ids"],
             lora_request=self.lora_request,
+            seed=request.get("seed"),
         )
         return {"completion_ids": completion_ids, "logps": logps}
 

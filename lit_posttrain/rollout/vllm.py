@@ -219,7 +219,7 @@ class VLLMServerRollout:
         adapter = self.lora_sync == "adapter" and is_peft_model(model)
         if self.is_sync_rank or self.gather_on_all_ranks:
             if not adapter or not self._adapter_loaded:  # with adapter sync: the frozen base weights, once
-                self._send_weights(
+                self.send_weights(
                     vllm_engine.policy_weights(model, merge_lora=not adapter, zero3=self.zero3)
                 )
             if adapter:
@@ -230,7 +230,9 @@ class VLLMServerRollout:
         self.num_syncs += 1
         self.last_sync_time = time.perf_counter() - start
 
-    def _send_weights(self, weights) -> None:
+    def send_weights(self, weights) -> None:
+        """Stream ``(checkpoint name, tensor)`` pairs to the server as one weight update (the sync
+        rank sends; the others only iterate, for a collective gather)."""
         if self.is_sync_rank:
             self._request("POST", "/update_weights/begin")
         chunk, size = {}, 0
@@ -273,15 +275,39 @@ class VLLMServerRollout:
     ) -> RolloutOutput:
         if self.synced_step != self.policy_step:
             self.sync_weights(model)
-        eos_token_ids = eos_ids(model, self.tokenizer)
+        # the request's seed comes from the caller's RNG (the method's sampling generator): the same
+        # weights and RNG state sample the same completions, and a resumed run samples what the
+        # uninterrupted one did
+        seed = int(torch.randint(0, 2**31 - 2**20, ())) if do_sample else None
+        return self.generate_ids(
+            prompt_ids, eos_token_ids=eos_ids(model, self.tokenizer), num_generations=num_generations,
+            max_completion_length=max_completion_length, temperature=temperature if do_sample else 0.0,
+            top_p=top_p, top_k=top_k, seed=seed,
+        )  # fmt: skip
+
+    def generate_ids(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        eos_token_ids: list[int],
+        num_generations: int,
+        max_completion_length: int,
+        temperature: float,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> RolloutOutput:
+        """One ``/generate`` request with the weights the server holds now (no sync)."""
+        eos_token_ids = list(eos_token_ids)
         request = {
             "prompt_ids": prompt_ids,
             "num_generations": num_generations,
             "max_completion_length": max_completion_length,
-            "temperature": temperature if do_sample else 0.0,
+            "temperature": temperature,
             "top_p": top_p,
             "top_k": top_k,
             "stop_token_ids": eos_token_ids,
+            "seed": seed,
         }
         response = self._request("POST", "/generate", json.dumps(request).encode())
         return _rollout_output(
@@ -303,7 +329,7 @@ class VLLMServerRollout:
     def _request(self, method: str, path: str, body: bytes | None = None, headers=None, timeout=None) -> dict:
         headers = dict(headers or {})
         token = os.environ.get("LIT_POSTTRAIN_SERVE_TOKEN", "").strip()  # the server's shared secret
-        if token:
+        if token and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:

@@ -162,22 +162,30 @@ def generate(
     top_k: int,
     stop_token_ids: list[int],
     lora_request=None,
+    seed: int | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Sample ``num_generations`` completions per prompt; returns (completion ids, per-token
     log-probs of the sampled tokens), prompt-major. ``temperature=0`` is greedy. ``min_p`` and
-    ``repetition_penalty`` keep vLLM's neutral defaults (0 and 1), as `HFRollout` does."""
+    ``repetition_penalty`` keep vLLM's neutral defaults (0 and 1), as `HFRollout` does. With
+    ``seed``, prompt ``i`` samples from its own generator seeded ``seed + i``: the same weights,
+    prompts and seed give the same completions whatever else the engine served before."""
     vllm = import_vllm()
-    params = vllm.SamplingParams(
-        n=num_generations,
-        max_tokens=max_completion_length,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop_token_ids=stop_token_ids,
-        logprobs=0,  # the sampled token's log-prob only
-        flat_logprobs=True,
-        detokenize=False,
-    )
+
+    def sampling_params(prompt_seed: int | None):
+        return vllm.SamplingParams(
+            n=num_generations,
+            max_tokens=max_completion_length,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop_token_ids=stop_token_ids,
+            logprobs=0,  # the sampled token's log-prob only
+            flat_logprobs=True,
+            detokenize=False,
+            seed=prompt_seed,
+        )
+
+    params = sampling_params(None) if seed is None else [sampling_params(seed + i) for i in range(len(prompt_ids))]
     outputs = llm.generate(
         [{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=lora_request, use_tqdm=False
     )
