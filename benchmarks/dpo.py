@@ -13,6 +13,16 @@ already built): what the reference, gradients, optimizer state and activations a
 ``pairs_per_s`` counts the measured training steps only (the first ``--warmup`` steps are not
 measured; ``pairs_per_s_best_step`` uses the fastest one, which moves less with other load); with ``--mode precompute`` the one pass over the data that precomputes the reference
 log-probs is reported separately as ``precompute_s``.
+
+Where the time goes (`perf.py`): ``flops_per_token`` is the policy's training FLOPs per token
+(``6 N + 12 L H Q T``, T = prompt + completion length); each measured step's model FLOPs are the
+policy's forward and backward over the batch's real tokens plus, with ``--mode on_the_fly``, the
+reference's forward over the same tokens (``2 N + 4 L H Q T``). ``gflops`` is their sum over the
+measured steps' time, ``mfu`` that over the matmul peak probed at the start of the run (fp32 for
+``--precision 32-true``, bf16 for ``bf16-mixed`` / ``bf16-true``), and ``breakdown_*`` the mean
+seconds (and share) per step in data, forward (policy and reference), backward, optimizer and other.
+``--profile-steps N`` profiles N more steps after the measured ones and prints the top operators
+to stderr.
 """
 
 from __future__ import annotations
@@ -69,13 +79,14 @@ def run(args) -> dict:
     """One run in this process (the worker)."""
     import lightning as L
     import torch
+    from perf import ProfileSteps, StepBreakdown, flops_per_token, model_flops, performance, probe_peaks
 
     from lit_posttrain import DPODataModule, DPOModule
     from lit_posttrain.callbacks import ReferenceModel
 
     class StepTimer(L.Callback):
-        def __init__(self, warmup: int):
-            self.warmup, self.steps, self.fit_start = warmup, [], None
+        def __init__(self, warmup: int, steps: int):
+            self.warmup, self.num_steps, self.steps, self.flops, self.fit_start = warmup, steps, [], [], None
 
         def on_fit_start(self, trainer, pl_module):  # runs before ReferenceModel's precompute pass
             self.fit_start = time.perf_counter()
@@ -87,11 +98,19 @@ def run(args) -> dict:
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx >= self.warmup:
+            if self.warmup <= batch_idx < self.warmup + self.num_steps:
                 self.steps.append(time.perf_counter() - self.start)
+                # model FLOPs: the policy's forward + backward, and the reference's forward when on the fly
+                tokens, seq_len = int(batch["attention_mask"].sum()), batch["input_ids"].size(1)  # 2B rows
+                config = pl_module.model.config
+                flops = model_flops(config, tokens=tokens, seq_len=seq_len)
+                if args.mode == "on_the_fly":
+                    flops += model_flops(config, tokens=tokens, seq_len=seq_len, backward=False)
+                self.flops.append(flops)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    peaks = probe_peaks()  # this machine's matmul peak now, with the threads the run uses
     L.seed_everything(args.seed)
     module = DPOModule(
         args.model_dir, random_init=True, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6)
@@ -114,11 +133,12 @@ def run(args) -> dict:
         batch_size=args.batch_size,
         max_length=args.prompt_length + args.completion_length,
     )
-    timer = StepTimer(args.warmup)
+    timer, breakdown = StepTimer(args.warmup, args.steps), StepBreakdown(args.warmup, args.steps)
     # the timer first: its on_fit_start runs before the precompute pass
     reference = ReferenceModel(precompute_ref_logps=args.mode == "precompute")
+    profile = [ProfileSteps(start=args.warmup + args.steps, steps=args.profile_steps)] if args.profile_steps else []
     trainer = L.Trainer(
-        max_steps=args.steps + args.warmup,
+        max_steps=args.steps + args.warmup + args.profile_steps,
         accelerator=args.accelerator,
         devices=1,
         precision=args.precision,
@@ -126,7 +146,7 @@ def run(args) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, reference],
+        callbacks=[timer, reference, breakdown, *profile],
     )
     rss_before = current_rss_mb()
     trainer.fit(module, datamodule)
@@ -147,6 +167,9 @@ def run(args) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     result["peak_rss_delta_mb"] = result["peak_rss_mb"] - rss_before
+    result["flops_per_token"] = flops_per_token(module.model.config, args.prompt_length + args.completion_length)
+    result.update(performance(sum(timer.flops), total, peaks, args.precision))
+    result.update({f"breakdown_{key}": value for key, value in breakdown.summary().items()})
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -165,7 +188,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="fresh runs per mode; medians are reported")
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # worker: the model directory
@@ -196,7 +220,9 @@ def main() -> None:
                     "--model-dir",
                     str(model_dir),
                 ]
-                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                # the profiler's table goes to stderr: shown when asked for, else captured
+                stderr = None if args.profile_steps else subprocess.PIPE
+                out = subprocess.run(command, check=True, stdout=subprocess.PIPE, stderr=stderr, text=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             results[mode] = {
                 "runs": runs,

@@ -15,6 +15,16 @@ optimizer step); the first ``--warmup`` steps are not measured (vLLM's start-up 
 the first step, its warm-up in it). ``--rollout vllm`` adds the `VLLMRollout` callback: its weight
 sync runs inside ``generate`` and is also reported alone (``sync_s_per_step``, ``sync_fraction``
 of the step), and the importance-sampling correction adds one no-grad forward to ``training_s``.
+
+Where the time goes (`perf.py`): ``flops_per_token`` is the training FLOPs per token
+(``6 N + 12 L H Q T``, T = prompt + completion length); each measured step's model FLOPs count the
+generation (a forward over every sample's prompt and completion tokens), the update (forward and
+backward) and any no-grad pass (`StepFlops`); ``gflops`` is their sum over the measured steps'
+time, ``mfu`` that over the matmul peak probed at the start of the run (fp32 for ``--precision
+32-true``, bf16 for ``bf16-mixed`` / ``bf16-true``), and ``breakdown_*`` the mean seconds (and
+share) per step in data, generation, weight_sync, forward (rewards and no-grad passes included),
+backward, optimizer and other. ``--profile-steps N`` profiles N more steps after the measured
+ones and prints the top operators to stderr.
 """
 
 from __future__ import annotations
@@ -27,16 +37,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from perf import (
+    PRECISIONS,
+    ProfileSteps,
+    StepBreakdown,
+    flops_per_token,
+    model_flops,
+    performance,
+    probe_peaks,
+)
 
 from lit_posttrain import GRPODataModule, GRPOModule
 from lit_posttrain.callbacks import VLLMRollout
 from lit_posttrain.rewards import PatternFractionReward
-from lit_posttrain.rollout import VLLMColocateRollout
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON report
 
@@ -86,49 +103,34 @@ def rollout_callbacks(args) -> list[L.Callback]:
     raise ValueError(f"--rollout must be one of ['hf', 'vllm'], got {args.rollout!r}")
 
 
-class TimedRollout:
-    """Wraps a rollout engine and accumulates the time spent in ``generate`` (and, for vLLM, in
-    the weight sync that ``generate`` starts with)."""
+class StepFlops(L.Callback):
+    """Each measured step's model FLOPs, from the token counts of its rollout (`perf.TimedRollout`).
 
-    def __init__(self, engine):
-        self.engine, self.seconds, self.sync_seconds = engine, 0.0, 0.0
+    Per sample i with p_i prompt and c_i completion tokens, in rows of T = longest prompt + longest
+    completion: generation is a forward over p_i + c_i tokens with c_i rows of logits; the update a
+    forward and backward over p_i + c_i tokens with c_i rows of logits (``logits_to_keep``); every
+    no-grad pass (the old log-probs that the vLLM importance-sampling correction needs, the
+    reference when ``beta > 0``) one more forward like the update's.
+    """
 
-    def generate(self, model, prompt_ids, **kwargs):
-        start = time.perf_counter()
-        vllm = isinstance(self.engine, VLLMColocateRollout)
-        syncs = self.engine.num_syncs if vllm else 0
-        try:
-            return self.engine.generate(model, prompt_ids, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-            if vllm and self.engine.num_syncs != syncs:
-                self.sync_seconds += self.engine.last_sync_time
-
-
-class StepTimer(L.Callback):
-    """Wraps ``pl_module.rollout`` at setup (after a rollout callback swapped its engine in) and
-    times each training step."""
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.steps: list[dict] = []
-
-    def setup(self, trainer, pl_module, stage):
-        self.rollout = pl_module.rollout = TimedRollout(pl_module.rollout)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.rollout.seconds = self.rollout.sync_seconds = 0.0
-        self.start = time.perf_counter()
+    def __init__(self, warmup: int, steps: int, extra_forwards: int):
+        self.warmup, self.num_steps, self.extra_forwards = warmup, steps, extra_forwards
+        self.flops: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        total = time.perf_counter() - self.start
-        if batch_idx >= self.warmup:
-            self.steps.append(
-                {"total_s": total, "generation_s": self.rollout.seconds, "sync_s": self.rollout.sync_seconds}
-            )
+        if not self.warmup <= batch_idx < self.warmup + self.num_steps:
+            return
+        rollout = pl_module.rollout  # the perf.TimedRollout that StepBreakdown put around the engine
+        prompts, completions = rollout.prompt_lengths, rollout.completion_lengths  # (N,), (N,)
+        tokens, seq_len = sum(prompts) + sum(completions), max(prompts) + max(completions)
+        config = pl_module.model.config
+        forward = model_flops(config, tokens=tokens, seq_len=seq_len, lm_head_tokens=sum(completions), backward=False)
+        update = model_flops(config, tokens=tokens, seq_len=seq_len, lm_head_tokens=sum(completions))
+        self.flops.append(forward * (1 + self.extra_forwards) + update)
 
 
 def run(args, model_dir: Path) -> dict:
+    peaks = probe_peaks()  # this machine's matmul peak now, with the threads the run uses
     L.seed_everything(args.seed)
     module = GRPOModule(
         str(model_dir),
@@ -154,9 +156,13 @@ def run(args, model_dir: Path) -> dict:
     datamodule = GRPODataModule(
         str(model_dir), rows, batch_size=args.batch_size, max_prompt_length=args.prompt_length
     )
-    timer = StepTimer(args.warmup)
+    # the breakdown wraps the rollout engine the rollout callbacks (listed before it) swapped in
+    breakdown = StepBreakdown(args.warmup, args.steps, rollout=True)
+    extra_forwards = int(args.rollout == "vllm" and module.vllm_importance_sampling_correction) + int(module.beta != 0)
+    step_flops = StepFlops(args.warmup, args.steps, extra_forwards)
+    profile = [ProfileSteps(start=args.warmup + args.steps, steps=args.profile_steps)] if args.profile_steps else []
     trainer = L.Trainer(
-        max_steps=args.steps + args.warmup,
+        max_steps=args.steps + args.warmup + args.profile_steps,
         accelerator=args.accelerator,
         devices=1,
         precision=args.precision,
@@ -164,27 +170,31 @@ def run(args, model_dir: Path) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[*rollout_callbacks(args), timer],  # the timer wraps the rollout the others set
+        callbacks=[*rollout_callbacks(args), breakdown, step_flops, *profile],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     _reset_peak_rss()
     trainer.fit(module, datamodule)
-    total = sum(s["total_s"] for s in timer.steps)
-    generation = sum(s["generation_s"] for s in timer.steps)
-    sync = sum(s["sync_s"] for s in timer.steps)
-    samples = len(timer.steps) * args.batch_size * args.num_generations
+    steps = breakdown.steps  # the measured steps, seconds per category
+    total = sum(sum(step.values()) - step["data"] for step in steps)  # step start to step end
+    sync = sum(step["weight_sync"] for step in steps)
+    generation = sum(step["generation"] for step in steps) + sync  # time inside generate (sync included)
+    samples = len(steps) * args.batch_size * args.num_generations
     result = {
         "num_params": sum(p.numel() for p in module.model.parameters()),
         "samples_per_s": samples / total,
         "completion_tokens_per_s": samples * args.max_completion_length / total,
-        "step_s": total / len(timer.steps),
-        "generation_s_per_step": generation / len(timer.steps),
-        "training_s_per_step": (total - generation) / len(timer.steps),
+        "step_s": total / len(steps),
+        "generation_s_per_step": generation / len(steps),
+        "training_s_per_step": (total - generation) / len(steps),
         "generation_fraction": generation / total,
-        "sync_s_per_step": sync / len(timer.steps),
+        "sync_s_per_step": sync / len(steps),
         "sync_fraction": sync / total,
         "peak_rss_mb": _peak_rss_mb(),  # this run (Linux); the process's peak so far elsewhere
+        "flops_per_token": flops_per_token(module.model.config, args.prompt_length + args.max_completion_length),
+        **performance(sum(step_flops.flops), total, peaks, args.precision),
+        **{f"breakdown_{key}": value for key, value in breakdown.summary().items()},
     }
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -226,7 +236,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="runs, each in a fresh process; medians are reported")
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -235,9 +246,10 @@ def main() -> None:
         argv = [a for i, a in enumerate(given) if not a.startswith("--repeats") and (i == 0 or given[i - 1] != "--repeats")]
         runs = []
         for _ in range(args.repeats):
-            out = subprocess.run(
-                [sys.executable, __file__, *argv, "--repeats", "1"], check=True, capture_output=True, text=True
-            )
+            out = subprocess.run(  # the profiler's table goes to stderr: shown when asked for, else captured
+                [sys.executable, __file__, *argv, "--repeats", "1"], check=True, stdout=subprocess.PIPE,
+                stderr=None if args.profile_steps else subprocess.PIPE, text=True,
+            )  # fmt: skip
             runs.append(json.loads(out.stdout)["runs"][0])
     else:
         with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 
     python benchmarks/sft.py                       # all packing modes, 3 repeats each, JSON to stdout
     python benchmarks/sft.py --packing bfd --repeats 5 --steps 20
+    python benchmarks/sft.py --packing bfd --precision bf16-mixed --profile-steps 2   # + top ops (stderr)
 
 Model: a random-init Llama (vocab 32000, hidden 384, 6 layers, ~23M parameters) so that compute,
 not Python overhead, dominates. Data: 2,000 documents of 16-256 characters (one token per character
@@ -10,6 +11,12 @@ in a fresh process (so peak RSS is its own); the first 2 steps are warm-up and n
 
 Reported per mode: median training tokens/s (non-padding tokens that went through forward and
 backward), median seconds per step, median peak RSS in MiB, and the padding share of the batches.
+Where the time goes (`perf.py`): model FLOPs per token (``6 N + 12 L H Q T`` at T = ``--max-length``),
+the achieved model GFLOP/s over the measured steps (each step's FLOPs from its real tokens and row
+length), the MFU against this machine's matmul peak probed at the start of each run (fp32 for
+``--precision 32-true``, bf16 for ``bf16-mixed`` / ``bf16-true``), and the mean seconds per step
+spent in data, forward, backward, optimizer and other. ``--profile-steps N`` profiles N more steps
+after the measured ones with ``torch.profiler`` and prints the top operators to stderr.
 """
 
 from __future__ import annotations
@@ -38,11 +45,15 @@ MODEL_CONFIG = {
 }
 
 
-def run_once(packing: str, steps: int, batch_size: int, max_length: int, warmup: int = 2) -> dict:
+def run_once(packing: str, steps: int, batch_size: int, max_length: int, precision: str = "32-true",
+             profile_steps: int = 0, warmup: int = 2) -> dict:  # fmt: skip
     import lightning as L
     import torch
+    from perf import ProfileSteps, StepBreakdown, flops_per_token, model_flops, performance, probe_peaks
 
     from lit_posttrain import SFTDataModule, SFTModule
+
+    peaks = probe_peaks()  # this machine's matmul peak now, with the threads the run uses
 
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz "
@@ -53,31 +64,38 @@ def run_once(packing: str, steps: int, batch_size: int, max_length: int, warmup:
 
     class Timer(L.Callback):
         def __init__(self):
-            self.times, self.tokens, self.padded = [], [], []
+            self.times, self.tokens, self.padded, self.flops = [], [], [], []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.start = time.perf_counter()
             # real tokens: the pad id (0) never occurs in the generated text
             self.tokens.append(int((batch["input_ids"] != 0).sum()))
             self.padded.append(batch["input_ids"].numel())
+            self.flops.append(model_flops(module.model.config, tokens=self.tokens[-1], seq_len=batch["input_ids"].size(1)))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self.start)
 
-    timer = Timer()
+    timer, breakdown = Timer(), StepBreakdown(warmup, steps)
+    callbacks = [breakdown, timer] + ([ProfileSteps(start=warmup + steps, steps=profile_steps)] if profile_steps else [])
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
-    )
+        accelerator="cpu", max_steps=steps + warmup + profile_steps, precision=precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=callbacks,
+    )  # fmt: skip
     trainer.fit(module, dm)
-    times, tokens = timer.times[warmup:], timer.tokens[warmup:]
+    measured = slice(warmup, warmup + steps)
+    times, tokens = timer.times[measured], timer.tokens[measured]
     return {
         "packing": packing,
         "params_millions": round(sum(p.numel() for p in module.parameters()) / 1e6, 1),
         "tokens_per_s": sum(tokens) / sum(times),
         "s_per_step": statistics.median(times),
-        "padding_share": 1 - sum(tokens) / sum(timer.padded[warmup:]),
+        "padding_share": 1 - sum(tokens) / sum(timer.padded[measured]),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "flops_per_token": flops_per_token(module.model.config, max_length),
+        **performance(sum(timer.flops[measured]), sum(times), peaks, precision),
+        "breakdown": breakdown.summary(),
     }
 
 
@@ -88,18 +106,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        print(json.dumps(run_once(args._child, args.steps, args.batch_size, args.max_length)))
+        print(json.dumps(run_once(args._child, args.steps, args.batch_size, args.max_length, args.precision,
+                                  args.profile_steps)))  # fmt: skip
         return
     results = {}
     for packing in args.packing:
         runs = []
         for _ in range(args.repeats):
             cmd = [sys.executable, __file__, "--_child", packing, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                   "--precision", args.precision, "--profile-steps", str(args.profile_steps)]
+            # the profiler's table goes to stderr: shown when asked for, else captured
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.profile_steps else subprocess.PIPE,
+                                 text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         results[packing] = {
             "params_millions": runs[0]["params_millions"],
@@ -107,10 +131,16 @@ def main() -> None:
             "median_s_per_step": round(statistics.median(r["s_per_step"] for r in runs), 3),
             "median_peak_rss_mib": round(statistics.median(r["peak_rss_mib"] for r in runs), 1),
             "padding_share": round(statistics.median(r["padding_share"] for r in runs), 3),
+            "flops_per_token": runs[0]["flops_per_token"],
+            **{f"median_{key}": round(statistics.median(r[key] for r in runs), 4)
+               for key in ("gflops", "peak_gflops_fp32", "peak_gflops_bf16", "mfu")},
+            "median_breakdown": {key: round(statistics.median(r["breakdown"][key] for r in runs), 4)
+                                 for key in runs[0]["breakdown"]},
             "runs": len(runs),
-        }
+        }  # fmt: skip
     print(json.dumps({"benchmark": "sft", "batch_size": args.batch_size, "max_length": args.max_length,
-                      "torch_threads": __import__("torch").get_num_threads(), "results": results}, indent=2))
+                      "precision": args.precision, "torch_threads": __import__("torch").get_num_threads(),
+                      "results": results}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
