@@ -8,6 +8,17 @@ to ``max_completion_length``). Nothing is downloaded.
     python benchmarks/grpo.py                       # HF generate rollout, one run
     python benchmarks/grpo.py --repeats 3           # three runs (fresh processes) and their medians
     python benchmarks/grpo.py --rollout vllm --repeats 3   # a colocated vLLM engine (VLLMRollout)
+    python benchmarks/grpo.py --mode async --repeats 3     # AsyncGRPOModule: a vLLM engine process runs ahead
+
+``--mode async`` trains `lit_posttrain.experimental.async_grpo.AsyncGRPOModule` on the same
+workload (``--max-staleness``, default 1, ``--buffer-size``, default ``max_staleness + 1``): its
+engine is a separate process, so the step breakdown shows no generation; instead the report has the
+time the trainer waited for scored batches (``trainer_wait_s_per_step``) and the producer's own
+time per step: in ``/generate`` (``producer_generation_s_per_step``), pushing weights
+(``producer_sync_s_per_step``) and waiting on backpressure (``producer_wait_s_per_step``), with
+the idle fractions of both sides. On a machine where both share the same cores the overlap cannot
+shorten a step; ``expected_step_s_own_device`` is what a step would take with the engine on its own
+device, max(training, generation + sync), from the measured stage times.
 
 Timing: ``generation_s`` is the time inside ``pl_module.rollout.generate`` (wrapped, not
 replaced), ``training_s`` the rest of each ``training_step`` (rewards, log-probs, backward,
@@ -37,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -53,6 +65,7 @@ from perf import (
 
 from lit_posttrain import GRPODataModule, GRPOModule
 from lit_posttrain.callbacks import VLLMRollout
+from lit_posttrain.experimental.async_grpo import AsyncGRPOModule
 from lit_posttrain.rewards import PatternFractionReward
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON report
@@ -129,7 +142,83 @@ class StepFlops(L.Callback):
         self.flops.append(forward * (1 + self.extra_forwards) + update)
 
 
+class AsyncSteps(L.Callback):
+    """Each measured step's wall time and the producer's figures it logged (``async/*``)."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.num_steps, self.steps = warmup, steps, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.warmup <= batch_idx < self.warmup + self.num_steps:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("async/")}
+            self.steps.append({"step_s": time.perf_counter() - self.start, **metrics})
+
+
+def run_async(args, model_dir: Path) -> dict:
+    L.seed_everything(args.seed)
+    staleness = args.max_staleness
+    module = AsyncGRPOModule(
+        str(model_dir),
+        random_init=True,
+        reward_funcs=[PatternFractionReward(pattern="t[0-9]")],
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        micro_batch_size=args.micro_batch_size,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5),
+        max_staleness=staleness,
+        buffer_size=args.buffer_size or staleness + 1,
+        vllm_kv_cache_memory_bytes=args.vllm_kv_cache_mb * 2**20,
+        vllm_max_model_len=args.prompt_length + args.max_completion_length,
+        vllm_enforce_eager=args.vllm_enforce_eager,
+    )
+    datamodule = GRPODataModule(str(model_dir), _rows(args), batch_size=args.batch_size, max_prompt_length=args.prompt_length)
+    record = AsyncSteps(args.warmup, args.steps)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            max_steps=args.steps + args.warmup, accelerator=args.accelerator, devices=1, precision=args.precision,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[record], default_root_dir=root,
+        )  # fmt: skip
+        _reset_peak_rss()
+        trainer.fit(module, datamodule)
+    steps = record.steps
+    n, total = len(steps), sum(step["step_s"] for step in steps)
+    per_step = {key: sum(step[f"async/{key}"] for step in steps) / n for key in (
+        "trainer_wait_s", "producer_wait_s", "generation_s", "weight_sync_s")}  # fmt: skip
+    samples = n * args.batch_size * args.num_generations
+    training = total / n - per_step["trainer_wait_s"]
+    return {
+        "num_params": sum(p.numel() for p in module.model.parameters()),
+        "samples_per_s": samples / total,
+        "step_s": total / n,
+        "trainer_wait_s_per_step": per_step["trainer_wait_s"],
+        "training_s_per_step": training,
+        "producer_generation_s_per_step": per_step["generation_s"],
+        "producer_sync_s_per_step": per_step["weight_sync_s"],
+        "producer_wait_s_per_step": per_step["producer_wait_s"],
+        "trainer_idle_fraction": per_step["trainer_wait_s"] / (total / n),
+        "producer_idle_fraction": per_step["producer_wait_s"] / (total / n),
+        "expected_step_s_own_device": max(training, per_step["generation_s"] + per_step["weight_sync_s"]),
+        "staleness_mean": sum(step["async/staleness/mean"] for step in steps) / n,
+        "dropped_stale": steps[-1]["async/dropped_stale"],
+        "peak_rss_mb": _peak_rss_mb(),  # the trainer process (the engine process is not counted)
+    }
+
+
+def _rows(args) -> list[dict]:
+    generator = torch.Generator().manual_seed(args.seed)
+    return [
+        {"prompt": " ".join(f"t{i}" for i in torch.randint(2, args.vocab_size, (args.prompt_length,), generator=generator).tolist())}
+        for _ in range(args.batch_size * (args.steps + args.warmup + args.profile_steps + 2))
+    ]
+
+
 def run(args, model_dir: Path) -> dict:
+    if args.mode == "async":
+        return run_async(args, model_dir)
     peaks = probe_peaks()  # this machine's matmul peak now, with the threads the run uses
     L.seed_everything(args.seed)
     module = GRPOModule(
@@ -221,6 +310,9 @@ def _peak_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", default="sync", choices=["sync", "async"], help="async: AsyncGRPOModule")
+    parser.add_argument("--max-staleness", type=int, default=1, help="--mode async")
+    parser.add_argument("--buffer-size", type=int, default=None, help="--mode async (default max_staleness + 1)")
     parser.add_argument("--rollout", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--vllm-kv-cache-mb", type=int, default=512, help="vLLM KV-cache size (CPU: RAM)")
     parser.add_argument("--vllm-enforce-eager", action="store_true", help="skip vLLM's graph compilation")
@@ -257,7 +349,7 @@ def main() -> None:
             runs = [run(args, model_dir)]
     report = {
         "benchmark": "grpo",
-        "rollout": args.rollout,
+        "rollout": "vllm (engine process, async)" if args.mode == "async" else args.rollout,
         "config": {k: v for k, v in vars(args).items() if k not in ("repeats",)},
         "torch_threads": torch.get_num_threads(),
         "runs": runs,

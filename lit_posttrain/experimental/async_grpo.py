@@ -61,8 +61,9 @@ Departures from synchronous `lit_posttrain.GRPOModule` (numbered, as in the othe
 Metrics, besides all of GRPO's: ``async/staleness/mean|max`` (the step's samples, in versions),
 ``async/dropped_stale`` (samples dropped so far), ``async/buffer_size`` (scored batches waiting when
 the step took its own), ``async/trainer_wait_s`` (seconds the step waited for its batch),
-``async/producer_wait_s`` (seconds the producer waited on backpressure since the previous step) and
-``async/policy_version`` (the trainer's version at the step).
+``async/producer_wait_s`` (seconds the producer waited on backpressure since the previous step),
+``async/policy_version`` (the trainer's version at the step), and the producer's own time since the
+previous step: ``async/generation_s`` (in ``/generate``) and ``async/weight_sync_s`` (pushing weights).
 
     lit-posttrain fit --config configs/quickstart/async_grpo.yaml
 """
@@ -315,6 +316,7 @@ class _Producer:
         self.seeds: list[int] = []  # seeds[j]: batch j released to the producer with this seed
         self.dropped = 0
         self.producer_wait = 0.0
+        self.generation_time = self.sync_time = 0.0  # seconds in /generate and in weight pushes (reported per step)
         self.eos: list[int] = []
         self._token, self._token_dir = None, None
 
@@ -383,8 +385,11 @@ class _Producer:
         """(lock held) the engine holds ``weights``, version ``version``, afterwards."""
         if self.engine_version == version:
             return
+        start = time.perf_counter()
         self.client.send_weights(weights)
         self.engine_version = version
+        with self.changed:
+            self.sync_time += time.perf_counter() - start
 
     def publish(self, version: int) -> None:
         """Trainer thread, after a batch's optimizer steps: snapshot the weights, release the next batch."""
@@ -450,12 +455,15 @@ class _Producer:
                 self.buffer.put(None)
 
     def _generate(self, prompt_ids, seed: int) -> RolloutOutput:
-        m = self.module
-        return self.client.generate_ids(
+        m, start = self.module, time.perf_counter()
+        rollout = self.client.generate_ids(
             prompt_ids, eos_token_ids=self.eos, num_generations=m.num_generations,
             max_completion_length=m.max_completion_length, temperature=m.temperature, top_p=m.top_p,
             top_k=m.top_k, seed=seed,
         )  # fmt: skip
+        with self.changed:
+            self.generation_time += time.perf_counter() - start
+        return rollout
 
     # the trainer's side ------------------------------------------------------------------------
     def take(self, batch: dict, version: int) -> tuple[ScoredBatch, dict]:
@@ -494,10 +502,11 @@ class _Producer:
             staleness = 0
         with self.changed:
             producer_wait, self.producer_wait = self.producer_wait, 0.0
+            generation, sync, self.generation_time, self.sync_time = self.generation_time, self.sync_time, 0.0, 0.0
         metrics = {
             "staleness/mean": staleness, "staleness/max": staleness, "dropped_stale": self.dropped,
             "buffer_size": waiting, "trainer_wait_s": trainer_wait, "producer_wait_s": producer_wait,
-            "policy_version": version,
+            "policy_version": version, "generation_s": generation, "weight_sync_s": sync,
         }  # fmt: skip
         return scored, metrics
 
