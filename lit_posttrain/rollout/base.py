@@ -36,6 +36,13 @@ class RolloutOutput:
             that is the policy itself (`HFRollout`), which never needs a push. It counts pushes,
             not optimizer steps: the weights are pushed lazily, once per ``generate`` call that
             follows one or more optimizer steps (see `VLLMColocateRollout`).
+        completion_mask: multi-turn rollouts only (`lit_posttrain.rollout.tools.ToolRollout`): per
+            token of ``completion_ids``, 1 where the model sampled the token, 0 where the rollout
+            loop inserted it (tool output, template tokens). None: every token was sampled.
+        messages: multi-turn rollouts only: each sample's trajectory after the prompt as chat
+            messages (assistant turns with their ``tool_calls``, tool results).
+        tool_stats: multi-turn rollouts only: each sample's counts (``turns``, ``calls``,
+            ``successes``, ``errors``, ``timeouts``).
     """
 
     completion_ids: list[list[int]]
@@ -43,6 +50,9 @@ class RolloutOutput:
     truncated: list[bool]
     logps: list[list[float]] | None = None
     num_syncs: int = 0
+    completion_mask: list[list[int]] | None = None
+    messages: list[list[dict]] | None = None
+    tool_stats: list[dict[str, int]] | None = None
 
 
 def eos_ids(model, tokenizer) -> list[int]:

@@ -39,8 +39,12 @@ class HFRollout:
         top_p: float = 1.0,
         top_k: int = 0,
         do_sample: bool = True,
+        stop_token_ids: list[int] | None = None,
     ) -> RolloutOutput:
-        eos_token_ids = eos_ids(model, self.tokenizer)
+        """Sample ``num_generations`` completions per prompt; ``stop_token_ids`` are extra ids a
+        completion ends at (kept as its last token), added to the EOS ids (e.g. a tool call's closing
+        token, see `lit_posttrain.rollout.tools`)."""
+        eos_token_ids = eos_ids(model, self.tokenizer) + list(stop_token_ids or [])
         pad_id = self.tokenizer.pad_token_id
         repeated = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids for _ in range(num_generations)]
         device = next(model.parameters()).device

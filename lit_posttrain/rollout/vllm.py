@@ -130,12 +130,13 @@ class VLLMColocateRollout:
         top_p: float = 1.0,
         top_k: int = 0,
         do_sample: bool = True,
+        stop_token_ids: list[int] | None = None,
     ) -> RolloutOutput:
         if self.sleep:
             self.llm.wake_up()
         if self.synced_step != self.policy_step:
             self.sync_weights(model)
-        eos_token_ids = eos_ids(model, self.tokenizer)
+        eos_token_ids = eos_ids(model, self.tokenizer) + list(stop_token_ids or [])  # + extra stop ids
         completion_ids, logps = vllm_engine.generate(
             self.llm,
             prompt_ids,
@@ -272,6 +273,7 @@ class VLLMServerRollout:
         top_p: float = 1.0,
         top_k: int = 0,
         do_sample: bool = True,
+        stop_token_ids: list[int] | None = None,
     ) -> RolloutOutput:
         if self.synced_step != self.policy_step:
             self.sync_weights(model)
@@ -282,7 +284,7 @@ class VLLMServerRollout:
         return self.generate_ids(
             prompt_ids, eos_token_ids=eos_ids(model, self.tokenizer), num_generations=num_generations,
             max_completion_length=max_completion_length, temperature=temperature if do_sample else 0.0,
-            top_p=top_p, top_k=top_k, seed=seed,
+            top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
         )  # fmt: skip
 
     def generate_ids(
@@ -296,9 +298,11 @@ class VLLMServerRollout:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
     ) -> RolloutOutput:
-        """One ``/generate`` request with the weights the server holds now (no sync)."""
-        eos_token_ids = list(eos_token_ids)
+        """One ``/generate`` request with the weights the server holds now (no sync).
+        ``stop_token_ids`` are extra ids a completion ends at, added to ``eos_token_ids``."""
+        eos_token_ids = list(eos_token_ids) + list(stop_token_ids or [])
         request = {
             "prompt_ids": prompt_ids,
             "num_generations": num_generations,
