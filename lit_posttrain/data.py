@@ -39,6 +39,7 @@ from typing import Any, Union
 import datasets
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
@@ -228,12 +229,34 @@ def tokenize_cached(owner: Any, tokenize: Callable[..., Any], rows: datasets.Dat
     cached. Results that are not plain JSON (the cache is JSON: nothing read back can run code) are
     simply not cached.
 
-    Every process reads and writes the cache on its own (writes are atomic renames), so under DDP
-    every rank tokenizes on the first run and reads the cache afterwards.
+    Several processes (DDP, FSDP: ``torch.distributed`` initialised): global rank 0 tokenizes (or
+    reads the cache) first while the others wait, then they read what it wrote; an error on rank 0
+    is raised on every rank. Ranks on other machines that do not share the cache directory tokenize
+    for themselves. Every rank must call this the same number of times (every DataModule's ``setup``
+    does).
     """
     root = _cache_root()
     key = _cache_key(owner, rows, args) if root is not None else None
     file = root / f"{key}.json" if key is not None else None
+    if file is None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return _tokenize_or_read(owner, tokenize, rows, args, file)
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = _tokenize_or_read(owner, tokenize, rows, args, file)
+        except Exception as err:
+            dist.broadcast_object_list([(type(err).__name__, str(err))], src=0)
+            raise
+        dist.broadcast_object_list(verdict, src=0)
+        return result
+    dist.broadcast_object_list(verdict, src=0)  # wait for rank 0's verdict (and its cache file)
+    if verdict[0] is not None:
+        name, message = verdict[0]
+        raise (DataFormatError if name == "DataFormatError" else RuntimeError)(f"{message} (raised on rank 0)")
+    return _tokenize_or_read(owner, tokenize, rows, args, file)
+
+
+def _tokenize_or_read(owner: Any, tokenize: Callable[..., Any], rows, args: tuple, file: Path | None) -> Any:
     if file is not None and file.is_file():
         try:
             cached = json.loads(file.read_text())
@@ -241,7 +264,7 @@ def tokenize_cached(owner: Any, tokenize: Callable[..., Any], rows: datasets.Dat
             cached = None  # unreadable (a full disk, a foreign file): tokenize again
         if cached is not None:
             for category, message in cached["warnings"]:
-                warnings.warn(message, _warning_class(category), stacklevel=2)
+                warnings.warn(message, _warning_class(category), stacklevel=3)
             return cached["result"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -256,7 +279,7 @@ def tokenize_cached(owner: Any, tokenize: Callable[..., Any], rows: datasets.Dat
             return result
         tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}")
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            file.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(text)
             os.replace(tmp, file)
         except OSError:  # a read-only or full cache directory costs the cache, not the run

@@ -142,3 +142,61 @@ def test_large_data_shows_a_progress_bar(cache, tiny_model_dir, capfd):
         warnings.simplefilter("error")  # the small case: no bar, no noise
         SFTDataModule(tiny_model_dir, train_data=_rows(20)).setup("fit")
     assert "Tokenizing" not in capfd.readouterr().err
+
+
+_RANK_SCRIPT = r"""
+import json, os, sys
+import torch.distributed as dist
+from lit_posttrain import SFTDataModule
+
+rank, out, port, model = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+calls = []
+original = SFTDataModule._tokenize
+SFTDataModule._tokenize = lambda self, *args: calls.append(1) or original(self, *args)
+reports = []
+for rows, max_length in json.loads(sys.argv[5]):  # one process start-up (slow here) for every case
+    calls.clear()
+    try:
+        dm = SFTDataModule(model, train_data=rows, max_length=max_length)
+        dm.setup("fit")
+        reports.append({"calls": len(calls), "examples": dm.train_examples})
+    except Exception as err:
+        reports.append({"calls": len(calls), "error": f"{type(err).__name__}: {err}"})
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(reports, f)
+dist.destroy_process_group()
+"""
+
+
+def _two_ranks(tmp_path, cases, tiny_model_dir, cache):
+    """Each rank's reports for ``cases`` ([(rows, max_length)]), run in two processes joined by gloo."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**__import__("os").environ, "LIT_POSTTRAIN_CACHE": str(cache)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_SCRIPT, str(rank), str(tmp_path), port, tiny_model_dir, json.dumps(cases)],
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_under_ddp_rank_zero_tokenizes_and_the_others_read_its_cache(tmp_path, cache, tiny_model_dir):
+    """Two processes, a cold cache: rank 0 tokenizes, rank 1 waits and reads the same examples; an error on
+    rank 0 (every row without a target token) is raised on both ranks."""
+    bad = [{"prompt": "x" * 40, "completion": "y"}]
+    (good0, bad0), (good1, bad1) = _two_ranks(tmp_path, [(_rows(), 1024), (bad, 8)], tiny_model_dir, cache)
+    assert (good0["calls"], good1["calls"]) == (1, 0)
+    assert good1["examples"] == good0["examples"] and good0["examples"]
+    assert bad0["error"].startswith("DataFormatError") and "no row has a target token" in bad0["error"]
+    assert bad1["error"].startswith("DataFormatError") and bad1["error"].endswith("(raised on rank 0)")
+    assert bad1["calls"] == 0
