@@ -233,7 +233,8 @@ def tokenize_cached(owner: Any, tokenize: Callable[..., Any], rows: datasets.Dat
     reads the cache) first while the others wait, then they read what it wrote; an error on rank 0
     is raised on every rank. Ranks on other machines that do not share the cache directory tokenize
     for themselves. Every rank must call this the same number of times (every DataModule's ``setup``
-    does).
+    does). The others' wait is a collective: a first tokenization longer than the process group's
+    timeout (Lightning's default: 30 minutes) needs a longer ``timeout`` on the strategy.
     """
     root = _cache_root()
     key = _cache_key(owner, rows, args) if root is not None else None
