@@ -370,6 +370,43 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def final_hidden_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N, T, H) final hidden states of a causal LM (after its last norm: what ``lm_head`` reads), from
+    one forward that computes no logits. Turn them into log-probs chunk by chunk with
+    `lit_posttrain.ops.chunked_selective_log_softmax` and ``model.get_output_embeddings()``.
+
+    The forward is the model's own (root) call with ``logits_to_keep`` an empty index tensor (the head
+    runs on zero positions), so whatever wraps the root forward keeps working: PEFT (LoRA, QLoRA) and
+    FSDP2, whose root module unshards its parameters (embedding, final norm, ``lm_head``) for the
+    forward and, with the default ``reshard_after_forward`` of a root, keeps them unsharded until its
+    backward: the head called afterwards reads the full weight and its gradient reaches the
+    reduce-scatter. (A root sharded with ``reshard_after_forward=True``, as the frozen models of
+    `lit_posttrain.callbacks.ReferenceModel` are, needs ``model.unshard()`` around the head's calls.)
+    The hidden states are taken by a forward hook on ``model.get_decoder()``
+    (``output_hidden_states=True`` would also keep every layer's output alive).
+    """
+    captured = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state)
+    )
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=input_ids.new_empty(0),  # no logits: the caller applies the head in chunks
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated transformer blocks of a (PEFT-wrapped) model: the units FSDP2 shards."""
     if is_quantized(model):

@@ -2,7 +2,9 @@
 
 `ReferenceModel` and `TeacherModel` own a frozen model's lifecycle; the method owns the math. The
 module asks for logits with ``reference.forward(input_ids, attention_mask, ...)`` /
-``teacher.forward(...)`` (under ``torch.no_grad``) and turns them into log-probs itself. Five ways to
+``teacher.forward(...)`` (under ``torch.no_grad``) and turns them into log-probs itself, or for the
+log-probs of the last tokens with ``reference.per_token_logps(...)``, which never holds the logits of
+more than a chunk of positions (`lit_posttrain.ops.chunked_selective_log_softmax`). Five ways to
 hold the reference:
 
 1. Full fine-tuning (default): a frozen, eval-mode deep copy of ``pl_module.model`` made at
@@ -50,7 +52,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lit_posttrain.models import DType, decoder_layers, is_peft_model, load_model, load_tokenizer, unwrap_peft
+from lit_posttrain.models import (
+    DType,
+    decoder_layers,
+    final_hidden_states,
+    is_peft_model,
+    load_model,
+    load_tokenizer,
+    unwrap_peft,
+)
+from lit_posttrain.ops import chunked_selective_log_softmax
 
 SPLITS = ("train", "val")
 
@@ -123,15 +134,7 @@ class ReferenceModel(L.Callback):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Reference logits (N, T or logits_to_keep, V) for a batch, without gradients."""
-        if self.policy is None:
-            raise RuntimeError(
-                "ReferenceModel is not set up yet: it is set up by the Trainer (Callback.setup)"
-            )
-        if self.precomputed:
-            raise RuntimeError(
-                "ReferenceModel: the reference log-probs were precomputed and the reference model was freed; "
-                "this batch has no precomputed values (a DataModule without add_columns / ordered_dataloader?)"
-            )
+        self._check_available()
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -143,6 +146,29 @@ class ReferenceModel(L.Callback):
             with self.policy.disable_adapter():
                 return self.policy(**inputs).logits
         return self.model(**inputs).logits
+
+    @torch.no_grad()
+    def per_token_logps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        logits_to_keep: int,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Reference log-probs (N, C) of the last C = ``logits_to_keep`` tokens of ``input_ids``, from
+        the logits divided by ``temperature``, without gradients. Computed from the final hidden states
+        a chunk of positions at a time (`lit_posttrain.ops.chunked_selective_log_softmax`): the (N, C, V)
+        logits never exist at once. With LoRA the head, too, runs with the adapters disabled."""
+        self._check_available()
+        inputs = (input_ids, attention_mask, position_ids)
+        if self.model is None:  # LoRA: the base weights are the reference
+            with self.policy.disable_adapter():
+                return _last_tokens_logps(
+                    self.policy, *inputs, logits_to_keep=logits_to_keep, temperature=temperature
+                )
+        return _last_tokens_logps(self.model, *inputs, logits_to_keep=logits_to_keep, temperature=temperature)
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -311,12 +337,45 @@ class ReferenceModel(L.Callback):
                     h.update(batch[name].contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
+    def _check_available(self) -> None:
+        if self.policy is None:
+            raise RuntimeError(
+                "ReferenceModel is not set up yet: it is set up by the Trainer (Callback.setup)"
+            )
+        if self.precomputed:
+            raise RuntimeError(
+                "ReferenceModel: the reference log-probs were precomputed and the reference model was freed; "
+                "this batch has no precomputed values (a DataModule without add_columns / ordered_dataloader?)"
+            )
+
     def _free(self) -> None:
         self.model = None
         self.precomputed = True
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _last_tokens_logps(
+    model, input_ids, attention_mask, position_ids, *, logits_to_keep: int, temperature: float
+) -> torch.Tensor:
+    """(N, C) log-probs of the last C = ``logits_to_keep`` tokens of ``input_ids`` under ``model``."""
+    hidden_states = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    hidden_states = hidden_states[:, -logits_to_keep - 1 : -1]  # (N, C, H): position t predicts token t + 1
+    head = model.get_output_embeddings()
+    # a frozen copy sharded by shard_frozen_model reshards its root after the forward: gather the
+    # head's weight again for the chunks (a collective, as the forward is), then free it
+    sharded_head = isinstance(head.weight, DTensor)
+    if sharded_head:
+        model.unshard()
+    try:
+        per_token_logps, _ = chunked_selective_log_softmax(
+            hidden_states, head, input_ids[:, -logits_to_keep:], temperature=temperature
+        )
+    finally:
+        if sharded_head:
+            model.reshard()
+    return per_token_logps
 
 
 def find_reference_model(trainer: L.Trainer, method: str) -> ReferenceModel:

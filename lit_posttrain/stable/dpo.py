@@ -72,8 +72,15 @@ from lit_posttrain.data import (
     split_rows,
     tokenize_cached,
 )
-from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_sum, pad, selective_log_softmax
+from lit_posttrain.models import (
+    DType,
+    LoRAConfig,
+    decoder_layers,
+    final_hidden_states,
+    load_model,
+    load_tokenizer,
+)
+from lit_posttrain.ops import chunked_selective_log_softmax, finite_grad_norm, masked_sum, pad
 from lit_posttrain.schedulers import WarmupDecayLR
 
 LossType = Literal[
@@ -655,6 +662,7 @@ class DPOModule(L.LightningModule):
         fully_shard(self.model, mesh=mesh)
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
+        """(N, T or logits_to_keep, V) logits (for inference: training computes log-probs in chunks)."""
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, use_cache=False
         ).logits
@@ -703,7 +711,7 @@ class DPOModule(L.LightningModule):
             self.log(f"val/{name}", self.val_metrics[name], prog_bar=name in ("loss", "rewards/accuracies"))
 
     def _shared_step(self, batch, update_running_stats: bool):
-        logps, logits, mask = self.concatenated_forward(batch)  # (2B,), (2B, K-1, V), (2B, K-1)
+        logps, stats, mask = self.concatenated_forward(batch)  # (2B,), TokenStats of (2B, K-1), (2B, K-1)
         chosen_logps, rejected_logps = logps.chunk(2)  # (B,) each
         chosen_num_tokens, rejected_num_tokens = mask.sum(1).chunk(2)
 
@@ -744,8 +752,7 @@ class DPOModule(L.LightningModule):
         loss = losses.mean()
 
         with torch.no_grad():
-            logits = logits.detach()
-            mean_logits = logits.mean(-1)  # (2B, K-1) mean over the vocabulary
+            mean_logits = stats.mean_logit  # (2B, K-1) mean over the vocabulary
             chosen_mask, rejected_mask = mask.chunk(2)
             metrics = {
                 "loss": loss.detach(),
@@ -759,32 +766,41 @@ class DPOModule(L.LightningModule):
                 / chosen_mask.sum().clamp(min=1),
                 "logits/rejected": masked_sum(mean_logits.chunk(2)[1], rejected_mask)
                 / rejected_mask.sum().clamp(min=1),
-                "entropy": masked_sum(entropy_from_logits(logits), mask) / mask.sum().clamp(min=1),
+                "entropy": masked_sum(stats.entropy, mask) / mask.sum().clamp(min=1),
             }
         return loss, metrics
 
     def concatenated_forward(self, batch, reference: bool = False):
         """One forward of the 2B chosen + rejected rows (policy, or the reference model).
 
-        Only the logits from the position before the first completion token on are computed
-        (``logits_to_keep``), and only the label tokens' log-probs are gathered from them.
+        Only the positions from the one before the first completion token on are scored
+        (``logits_to_keep``), from the final hidden states a chunk of positions at a time
+        (`chunked_selective_log_softmax`): only the label tokens' log-probs are kept, and the
+        (2B, K-1, V) logits never exist at once.
 
         Returns:
             logps (2B,): sums of completion-token log-probs (chosen rows, then rejected rows);
-            logits (2B, K-1, V): the logits that predict tokens T-K+1 .. T-1; mask (2B, K-1): which
-            of those tokens are completion tokens.
+            stats: `TokenStats` (entropy, mean logit) of the (2B, K-1) positions that predict tokens
+            T-K+1 .. T-1 (None for the reference); mask (2B, K-1): which of those tokens are
+            completion tokens.
         """
         input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (2B, T)
         logits_to_keep = _logits_to_keep(completion_mask)  # K
-        forward = find_reference_model(self.trainer, self.METHOD).forward if reference else self.forward
-        logits = forward(input_ids, batch["attention_mask"], logits_to_keep=logits_to_keep)[
-            :, :-1
-        ]  # (2B, K-1, V)
-        start = input_ids.shape[1] - logits.shape[1]  # T - (K-1)
-        labels = input_ids[:, start:]  # (2B, K-1): the token each logit row predicts
+        start = input_ids.shape[1] - (logits_to_keep - 1)  # T - (K-1)
+        labels = input_ids[:, start:]  # (2B, K-1): the token each scored position predicts
         mask = completion_mask[:, start:].bool()  # (2B, K-1)
-        per_token_logps = selective_log_softmax(logits, labels)  # (2B, K-1)
-        return masked_sum(per_token_logps, mask, dim=1), logits, mask
+        if reference:
+            reference_model = find_reference_model(self.trainer, self.METHOD)
+            per_token_logps = reference_model.per_token_logps(
+                input_ids, batch["attention_mask"], logits_to_keep=labels.shape[1]
+            )  # (2B, K-1)
+            return masked_sum(per_token_logps, mask, dim=1), None, mask
+        hidden_states = final_hidden_states(self.model, input_ids, batch["attention_mask"])
+        hidden_states = hidden_states[:, start - 1 : -1]  # (2B, K-1, H): position t predicts token t + 1
+        per_token_logps, stats = chunked_selective_log_softmax(
+            hidden_states, self.model.get_output_embeddings(), labels, with_stats=True
+        )  # (2B, K-1), TokenStats of (2B, K-1)
+        return masked_sum(per_token_logps, mask, dim=1), stats, mask
 
     @torch.no_grad()
     def compute_ref_logps(self, batch) -> dict[str, torch.Tensor]:

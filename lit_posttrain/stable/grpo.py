@@ -102,8 +102,15 @@ from lit_posttrain.data import (
     split_rows,
     tokenize_cached,
 )
-from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_mean, pad, selective_log_softmax
+from lit_posttrain.models import (
+    DType,
+    LoRAConfig,
+    decoder_layers,
+    final_hidden_states,
+    load_model,
+    load_tokenizer,
+)
+from lit_posttrain.ops import chunked_selective_log_softmax, finite_grad_norm, masked_mean, pad
 from lit_posttrain.rewards import TrainerState, check_reward_funcs, reward_func_name, score_completions
 from lit_posttrain.rollout import HFRollout, RolloutOutput, sampling_rng
 from lit_posttrain.schedulers import WarmupDecayLR
@@ -748,21 +755,20 @@ class GRPOModule(L.LightningModule):
 
     def forward(self, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool = False):
         """(N, C) log-probs of the last C = ``logits_to_keep`` tokens of ``input_ids`` under the
-        temperature-scaled policy, and their (N, C) entropies (no grad) if ``compute_entropy``, else None."""
+        temperature-scaled policy, and their (N, C) entropies (no grad) if ``compute_entropy``, else None.
+        The logits are computed from the final hidden states a chunk of positions at a time
+        (`chunked_selective_log_softmax`): the (N, C, V) logits never exist at once."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=logits_to_keep + 1,
-            use_cache=False,
-        ).logits[:, :-1]  # (N, C, V): position t predicts completion token t
-        logits = logits / self.temperature
-        per_token_logps = selective_log_softmax(logits, input_ids[:, -logits_to_keep:])  # (N, C)
-        entropies = None
-        if compute_entropy:
-            with torch.no_grad():
-                entropies = entropy_from_logits(logits)  # (N, C)
+        hidden_states = final_hidden_states(self.model, input_ids, attention_mask, position_ids)
+        hidden_states = hidden_states[:, -logits_to_keep - 1 : -1]  # (N, C, H): t predicts completion token t
+        per_token_logps, stats = chunked_selective_log_softmax(
+            hidden_states,
+            self.model.get_output_embeddings(),
+            input_ids[:, -logits_to_keep:],
+            temperature=self.temperature,
+            with_stats=compute_entropy,
+        )  # (N, C), TokenStats of (N, C) or None
+        entropies = stats.entropy if compute_entropy else None  # (N, C)
         return per_token_logps, entropies
 
     def training_step(self, batch, batch_idx):
@@ -1018,8 +1024,11 @@ class GRPOModule(L.LightningModule):
         per_token_logps = []
         for ids, mask in zip(input_ids.split(micro_batch_size), attention_mask.split(micro_batch_size)):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-            logits = reference.forward(ids, mask, position_ids, logits_to_keep=logits_to_keep + 1)[:, :-1]
-            per_token_logps.append(selective_log_softmax(logits / self.temperature, ids[:, -logits_to_keep:]))
+            per_token_logps.append(
+                reference.per_token_logps(
+                    ids, mask, position_ids, logits_to_keep=logits_to_keep, temperature=self.temperature
+                )
+            )  # (n, C)
         return torch.cat(per_token_logps)
 
     def _importance_sampling_correction(

@@ -78,8 +78,15 @@ from lit_posttrain.data import (
     split_rows,
     tokenize_cached,
 )
-from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, masked_sum, pad, selective_log_softmax
+from lit_posttrain.models import (
+    DType,
+    LoRAConfig,
+    decoder_layers,
+    final_hidden_states,
+    load_model,
+    load_tokenizer,
+)
+from lit_posttrain.ops import chunked_selective_log_softmax, finite_grad_norm, masked_sum, pad
 from lit_posttrain.schedulers import WarmupDecayLR
 
 LossType = Literal["kto", "apo_zero_unpaired"]
@@ -589,6 +596,7 @@ class KTOModule(L.LightningModule):
         fully_shard(self.model, mesh=mesh)
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
+        """(N, T or logits_to_keep, V) logits (for inference: training computes log-probs in chunks)."""
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, use_cache=False
         ).logits
@@ -647,9 +655,9 @@ class KTOModule(L.LightningModule):
         self.log("val/rewards/margins", margins, prog_bar=True)
 
     def _shared_step(self, batch, kl: torch.Tensor):
-        logps, logits, mask = self.completion_logps(
-            batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        )  # (B,), (B, K-1, V), (B, K-1)
+        logps, stats, mask = self.completion_logps(
+            batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_stats=True
+        )  # (B,), TokenStats of (B, K-1), (B, K-1)
         labels = batch["label"]  # (B,) True: desirable
 
         if "ref_logps" in batch:  # precomputed by the ReferenceModel callback
@@ -673,7 +681,6 @@ class KTOModule(L.LightningModule):
         loss = losses.mean()
 
         with torch.no_grad():
-            logits = logits.detach()
             num_chosen, num_rejected = labels.sum().clamp(min=1), (~labels).sum().clamp(min=1)
             metrics = {
                 "loss": loss.detach(),
@@ -682,7 +689,7 @@ class KTOModule(L.LightningModule):
                 "rewards/rejected": rewards[~labels].sum() / num_rejected,
                 "logps/chosen": logps.detach()[labels].sum() / num_chosen,
                 "logps/rejected": logps.detach()[~labels].sum() / num_rejected,
-                "entropy": masked_sum(entropy_from_logits(logits), mask) / mask.sum().clamp(min=1),
+                "entropy": masked_sum(stats.entropy, mask) / mask.sum().clamp(min=1),
             }
         return loss, metrics
 
@@ -712,24 +719,37 @@ class KTOModule(L.LightningModule):
         num_rows = sums["num_rows"].clamp(min=1)
         return kto_kl((sums["policy"] / num_rows)[None], (sums["reference"] / num_rows)[None])
 
-    def completion_logps(self, input_ids, attention_mask, completion_mask, reference: bool = False):
+    def completion_logps(
+        self, input_ids, attention_mask, completion_mask, reference: bool = False, with_stats: bool = False
+    ):
         """One forward of B rows (policy, or the reference model): their completions' log-probs.
 
-        Only the logits from the position before the first completion token on are computed
-        (``logits_to_keep``), and only the label tokens' log-probs are gathered from them.
+        Only the positions from the one before the first completion token on are scored
+        (``logits_to_keep``), from the final hidden states a chunk of positions at a time
+        (`chunked_selective_log_softmax`): only the label tokens' log-probs are kept, and the
+        (B, K-1, V) logits never exist at once.
 
         Returns:
-            logps (B,): sums of completion-token log-probs; logits (B, K-1, V): the logits that
-            predict tokens T-K+1 .. T-1; mask (B, K-1): which of those tokens are completion tokens.
+            logps (B,): sums of completion-token log-probs; stats: `TokenStats` (entropy) of the
+            (B, K-1) positions that predict tokens T-K+1 .. T-1 if ``with_stats`` (policy only), else
+            None; mask (B, K-1): which of those tokens are completion tokens.
         """
         logits_to_keep = _logits_to_keep(completion_mask)  # K
-        forward = find_reference_model(self.trainer, self.METHOD).forward if reference else self.forward
-        logits = forward(input_ids, attention_mask, logits_to_keep=logits_to_keep)[:, :-1]  # (B, K-1, V)
-        start = input_ids.shape[1] - logits.shape[1]  # T - (K-1)
-        labels = input_ids[:, start:]  # (B, K-1): the token each logit row predicts
+        start = input_ids.shape[1] - (logits_to_keep - 1)  # T - (K-1)
+        labels = input_ids[:, start:]  # (B, K-1): the token each scored position predicts
         mask = completion_mask[:, start:].bool()  # (B, K-1)
-        per_token_logps = selective_log_softmax(logits, labels)  # (B, K-1)
-        return masked_sum(per_token_logps, mask, dim=1), logits, mask
+        if reference:
+            reference_model = find_reference_model(self.trainer, self.METHOD)
+            per_token_logps = reference_model.per_token_logps(
+                input_ids, attention_mask, logits_to_keep=labels.shape[1]
+            )  # (B, K-1)
+            return masked_sum(per_token_logps, mask, dim=1), None, mask
+        hidden_states = final_hidden_states(self.model, input_ids, attention_mask)
+        hidden_states = hidden_states[:, start - 1 : -1]  # (B, K-1, H): position t predicts token t + 1
+        per_token_logps, stats = chunked_selective_log_softmax(
+            hidden_states, self.model.get_output_embeddings(), labels, with_stats=with_stats
+        )  # (B, K-1), TokenStats of (B, K-1) or None
+        return masked_sum(per_token_logps, mask, dim=1), stats, mask
 
     @torch.no_grad()
     def compute_ref_logps(self, batch) -> dict[str, torch.Tensor]:

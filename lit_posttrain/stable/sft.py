@@ -55,8 +55,15 @@ from lit_posttrain.data import (
     split_rows,
     tokenize_cached,
 )
-from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, load_tokenizer
-from lit_posttrain.ops import entropy_from_logits, finite_grad_norm, pad, selective_log_softmax
+from lit_posttrain.models import (
+    DType,
+    LoRAConfig,
+    decoder_layers,
+    final_hidden_states,
+    load_model,
+    load_tokenizer,
+)
+from lit_posttrain.ops import chunked_selective_log_softmax, finite_grad_norm, pad
 from lit_posttrain.schedulers import WarmupDecayLR
 
 
@@ -484,18 +491,25 @@ class SFTModule(L.LightningModule):
         fully_shard(self.model, mesh=mesh)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """(B, T, V) logits (for inference: training computes log-probs in chunks)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
 
     def _shared_step(self, batch):
-        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))[:, :-1]  # (B, T-1, V)
+        hidden_states = final_hidden_states(
+            self.model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+        )[:, :-1]  # (B, T-1, H)
         labels = batch["labels"][:, 1:]  # (B, T-1)
         loss_mask = labels != -100
-        per_token_logps = selective_log_softmax(logits, labels.clamp(min=0))  # (B, T-1)
+        # logits only at the N target positions, a chunk at a time: the (B, T-1, V) logits never exist
+        target_logps, stats = chunked_selective_log_softmax(
+            hidden_states[loss_mask], self.model.get_output_embeddings(), labels[loss_mask], with_stats=True
+        )  # (N,), TokenStats of (N,)
+        per_token_logps = target_logps.new_zeros(labels.shape)  # (B, T-1), 0 where no loss is taken
+        per_token_logps = per_token_logps.masked_scatter(loss_mask, target_logps)
         with torch.no_grad():
-            target_logits = logits[loss_mask]  # (N, V)
             num_targets = loss_mask.sum()
-            correct = (target_logits.argmax(-1) == labels[loss_mask]).sum()
-            entropy = entropy_from_logits(target_logits).sum() if num_targets else logits.new_zeros(())
+            correct = (stats.argmax == labels[loss_mask]).sum()
+            entropy = stats.entropy.sum()
         return per_token_logps, loss_mask, num_targets, correct, entropy
 
     def training_step(self, batch, batch_idx):

@@ -459,7 +459,7 @@ def test_concatenated_forward_matches_naive_per_sequence(tiny_model_dir):
     ]
     batch = dm.collator(examples)
     with torch.no_grad():
-        logps, logits, mask = module.concatenated_forward(batch)
+        logps, stats, mask = module.concatenated_forward(batch)
         naive = []
         for key in ("chosen_ids", "rejected_ids"):
             for example in examples:
@@ -467,7 +467,7 @@ def test_concatenated_forward_matches_naive_per_sequence(tiny_model_dir):
                 full_logps = F.log_softmax(module.model(input_ids=ids).logits[0, :-1], dim=-1)  # (L-1, V)
                 token_logps = full_logps.gather(-1, ids[0, 1:, None])[:, 0]
                 naive.append(token_logps[len(example["prompt_ids"]) - 1 :].sum())
-    assert logits.shape[1] < batch["input_ids"].shape[1] - 1  # prompt-only positions were not computed
+    assert stats.entropy.shape[1] < batch["input_ids"].shape[1] - 1  # prompt-only positions were not computed
     assert mask.sum(1).tolist() == [len(e[k]) for k in ("chosen_ids", "rejected_ids") for e in examples]
     torch.testing.assert_close(logps, torch.stack(naive), atol=1e-5, rtol=0)
 
