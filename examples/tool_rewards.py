@@ -1,4 +1,4 @@
-"""Reward for the tool-use GRPO quickstart (3-digit addition with an ``add`` tool).
+"""Reward and tool of the tool-use GRPO quickstart (3-digit addition with an ``add`` tool).
 
 A trajectory of the warm-started tool caller (examples/tiny-tool-caller) reads, decoded::
 
@@ -27,3 +27,13 @@ def final_answer(completions: list[str], answer: list[str], **kwargs) -> list[fl
         1.0 if completion.rsplit("\n", 1)[-1].strip() == str(target) else 0.0
         for completion, target in zip(completions, answer, strict=True)
     ]
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first addend.
+        b: the second addend.
+    """
+    return a + b

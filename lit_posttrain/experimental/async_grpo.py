@@ -161,6 +161,8 @@ class AsyncGRPOModule(GRPOModule):
             raise ValueError(f"buffer_size must be >= 1 (generation batches), got {buffer_size}")
         if self.hparams.get("quantization"):
             raise ValueError("AsyncGRPO: quantization (QLoRA) is not supported yet; use GRPOModule")
+        if self.tool_options is not None:
+            raise ValueError("AsyncGRPO: tools / environment_factory are not supported yet; use GRPOModule")
         self.max_staleness, self.buffer_size = max_staleness, buffer_size
         self.server_url = server_url
         self.vllm_kv_cache_memory_bytes, self.vllm_max_model_len = vllm_kv_cache_memory_bytes, vllm_max_model_len

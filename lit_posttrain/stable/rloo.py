@@ -115,7 +115,7 @@ from lit_posttrain.models import (
 )
 from lit_posttrain.ops import chunked_selective_log_softmax, finite_grad_norm, masked_mean, pad
 from lit_posttrain.rewards import TrainerState, check_reward_funcs, reward_func_name, score_completions
-from lit_posttrain.rollout import HFRollout, RolloutOutput, sampling_rng
+from lit_posttrain.rollout import HFRollout, RolloutOutput, ToolRollout, sampling_rng
 from lit_posttrain.schedulers import WarmupDecayLR
 
 
@@ -509,6 +509,16 @@ class RLOOModule(L.LightningModule):
             logger as a ``wandb.Table`` (`WandbLogger`, key ``completions``) or as text
             (`TensorBoardLogger`, tag ``completions``). Rank 0's samples, from rank 0.
         num_completions_to_print: rows per table (the first ones of the generation batch); None: all.
+        tools: callables the model may call (typed, with a docstring; YAML: import paths, e.g.
+            ``[my_tools.add]``): rollouts become multi-turn (`lit_posttrain.rollout.ToolRollout`, docs/tools.md):
+            generation stops at a tool call, the tool runs, its result is inserted (no loss on it) and
+            generation continues. Reward functions also get ``trajectory=`` (each sample's messages).
+        environment_factory: instead of ``tools``, builds one environment per sample (``reset`` /
+            ``step``, see docs/tools.md) that answers the calls.
+        max_tool_calling_iterations: model turns per sample at most (TRL's name).
+        tool_call_format: ``hermes`` (``<tool_call>{json}</tool_call>``, Qwen2.5) or ``tiny`` (``<add 1 2>``).
+        tool_timeout: seconds a turn's tool calls may run; later they become an error message.
+        max_tool_response_tokens: a tool result is cut to this many tokens.
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
             run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
         optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
@@ -569,13 +579,19 @@ class RLOOModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         log_completions: bool = False,
         num_completions_to_print: int | None = None,
+        tools: list[Callable] | None = None,
+        environment_factory: Callable | None = None,
+        max_tool_calling_iterations: int = 4,
+        tool_call_format: Literal["hermes", "tiny"] = "hermes",
+        tool_timeout: float = 10.0,
+        max_tool_response_tokens: int = 128,
         diagnostics: bool = True,
         optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
         # reward functions are code (a reward model would put its weights in every checkpoint)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs", "tools", "environment_factory"])
         if not reward_funcs:
             raise ValueError("reward_funcs: give at least one reward function")
         # signatures now, before the model loads; the dataset columns are checked in setup
@@ -638,6 +654,15 @@ class RLOOModule(L.LightningModule):
         self.vllm_importance_sampling_cap = vllm_importance_sampling_cap
         self.max_grad_norm = max_grad_norm
         self.log_completions, self.num_completions_to_print = log_completions, num_completions_to_print
+        self.tool_options = None  # ToolRollout's settings, when the model has tools or an environment
+        if tools or environment_factory is not None:
+            self.tool_options = dict(
+                tools=list(tools) if tools else None, env_factory=environment_factory,
+                max_turns=max_tool_calling_iterations, max_tool_response_tokens=max_tool_response_tokens,
+                tool_timeout=tool_timeout, call_format=tool_call_format,
+            )  # fmt: skip
+            ToolRollout(self.rollout, self.tokenizer, **self.tool_options)  # check the options now
+        self._tool_rollout: ToolRollout | None = None
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.diagnostics = diagnostics
         self.automatic_optimization = False  # generation, then num_iterations x steps_per_generation steps
@@ -680,7 +705,7 @@ class RLOOModule(L.LightningModule):
         mini_batch_size, micro_batch_size = self._split_sizes(len(batch["prompt_ids"]))
         # 1. generate num_generations completions per prompt with the current policy (N = B * G, prompt-major)
         with sampling_rng(self.generator):
-            rollout = self.rollout.generate(
+            rollout = self._engine().generate(
                 self.model, batch["prompt_ids"], num_generations=self.num_generations,
                 max_completion_length=self.max_completion_length, temperature=self.temperature,
                 top_p=self.top_p, top_k=self.top_k,
@@ -732,6 +757,8 @@ class RLOOModule(L.LightningModule):
             all_kl, all_num_completion_tokens = self._all_gather_samples(kl, completion_mask.sum(1))
             metrics["kl"] = all_kl.sum() / all_num_completion_tokens.sum().clamp(min=1)
         metrics |= sampling_metrics | self._mean_over_micro_batches(weighted_metrics)
+        if rollout.tool_stats is not None:
+            metrics |= self._tool_metrics(rollout)
         metrics["loss"] = self.trainer.strategy.reduce(torch.stack(losses).mean(), reduce_op="mean")
         for name, value in metrics.items():
             self.log(f"train/{name}", value, prog_bar=name in ("reward", "loss"))
@@ -742,7 +769,7 @@ class RLOOModule(L.LightningModule):
             self._log_completion_table(prompts, completions, rewards_per_func, advantages)
 
     def validation_step(self, batch, batch_idx):
-        rollout = self.rollout.generate(
+        rollout = self._engine().generate(
             self.model,
             batch["prompt_ids"],
             num_generations=1,
@@ -789,6 +816,7 @@ class RLOOModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, RLOODataModule) and datamodule.train_examples:
             columns = [c for c in datamodule.train_examples[0] if c not in ("prompt", "prompt_ids")]
+            columns += ["trajectory"] if self.tool_options is not None else []
             check_reward_funcs(self.reward_funcs, columns=columns)
         # sampling (generation, mini-batch shuffling) draws from this rank's own RNG stream, seeded
         # from the global seed (seed_everything) and the rank; it is saved in checkpoints (Lightning
@@ -882,6 +910,9 @@ class RLOOModule(L.LightningModule):
         input_ids = torch.cat([pad(prompts, pad_token_id, "left"), pad(completions, pad_token_id)], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P+C)
         completion_mask = completion_mask.to(device)
+        if rollout.completion_mask is not None:  # tool rollouts: no loss on the tool results the loop inserted
+            model_tokens = pad([torch.tensor(m, dtype=torch.long) for m in rollout.completion_mask], 0)  # (N, C)
+            completion_mask = completion_mask * model_tokens.to(device)
         if self.mask_truncated_completions:  # no loss on completions cut at max_completion_length
             is_truncated = torch.tensor(rollout.truncated, device=device)  # (N,)
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
@@ -894,6 +925,8 @@ class RLOOModule(L.LightningModule):
         columns = {
             name: [value for value in values for _ in range(G)] for name, values in batch["columns"].items()
         }
+        if rollout.messages is not None:  # tool rollouts: the whole trajectory, as chat messages
+            columns = {**columns, "trajectory": rollout.messages}
         return prompts, self._completions(prompts, rollout), columns
 
     def _trainer_state(self) -> TrainerState:
@@ -905,6 +938,29 @@ class RLOOModule(L.LightningModule):
     def _steps_per_batch(self) -> int:
         """Optimizer steps per generation batch."""
         return self.num_iterations * self.steps_per_generation
+
+    def _engine(self):
+        """This step's rollout engine: ``self.rollout`` (which a callback may have swapped for vLLM), inside a
+        `ToolRollout` when the model has tools."""
+        if self.tool_options is None:
+            return self.rollout
+        if self._tool_rollout is None or self._tool_rollout.engine is not self.rollout:
+            self._tool_rollout = ToolRollout(self.rollout, self.tokenizer, **self.tool_options)
+        return self._tool_rollout
+
+    def _tool_metrics(self, rollout: RolloutOutput) -> dict[str, torch.Tensor]:
+        """``tools/*`` and ``episodes/*`` over every rank's samples."""
+        counts = torch.tensor(
+            [[s["turns"], s["calls"], s["successes"], s["errors"], s["timeouts"], t] for s, t in zip(rollout.tool_stats, rollout.truncated)],
+            dtype=torch.float, device=self.device,
+        )  # (N, 6)  fmt: skip
+        (all_counts,) = self._all_gather_samples(counts)  # (M, 6)
+        turns, calls, successes, errors, timeouts, truncated = all_counts.T
+        return {
+            "tools/calls_per_episode": calls.mean(), "tools/success_rate": successes.sum() / calls.sum().clamp(min=1),
+            "tools/errors": errors.sum(), "tools/timeouts": timeouts.sum(),
+            "episodes/turns_mean": turns.mean(), "episodes/truncated_ratio": truncated.mean(),
+        }  # fmt: skip
 
     def _completions(self, prompts: list, rollout: RolloutOutput) -> list:
         """Completions as reward functions see them: strings, or an assistant message for chat prompts."""
