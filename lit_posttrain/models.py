@@ -18,6 +18,7 @@ Strategies: single device and DDP; FSDP2 (``ModelParallelStrategy``) is refused 
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import os
 import tempfile
@@ -87,10 +88,13 @@ def check_local_path(name_or_path: str, option: str) -> None:
         return
     parent = os.path.dirname(path.rstrip("/"))
     if str(name_or_path).startswith((".", "/", "~")) or (parent and os.path.isdir(parent)):
-        near = sorted(os.listdir(parent or "."))[:8] if os.path.isdir(parent or ".") else []
+        entries = sorted(os.listdir(parent or ".")) if os.path.isdir(parent or ".") else []
+        close = difflib.get_close_matches(os.path.basename(path.rstrip("/")), entries, n=3, cutoff=0.6)
+        near = close + [e for e in entries if e not in close][: max(0, 8 - len(close))]  # the closest first
         raise FileNotFoundError(
             f"{option} {name_or_path!r}: no such local directory"
-            + (f" ({parent}/ holds: {', '.join(near)})" if near else "")
+            + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else "")
+            + (f" ({parent}/ holds: {', '.join(near)}{', ...' if len(entries) > len(near) else ''})" if near else "")
             + "; a hub id has the form 'org/name' and needs no local folder of that name"
         )
 

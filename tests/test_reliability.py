@@ -257,11 +257,11 @@ def test_reliability_table_matches_the_tests():
 
 def test_a_mistyped_local_model_path_is_named(monkeypatch):
     """`examples/tiny-modle` used to be looked up as a hub id (a connection error offline); it is named
-    as a missing local directory, with what the parent folder holds."""
+    as a missing local directory, with the closest names first and what the parent folder holds."""
     from lit_posttrain.models import load_model, load_tokenizer
 
     monkeypatch.chdir(ROOT)
-    with pytest.raises(FileNotFoundError, match=r"model_name_or_path 'examples/tiny-modle': no such local directory \(examples/ holds: .*tiny-model"):
+    with pytest.raises(FileNotFoundError, match=r"model_name_or_path 'examples/tiny-modle': no such local directory \(did you mean 'tiny-model'.*\(examples/ holds: tiny-model, "):
         load_model("examples/tiny-modle", random_init=True)
     with pytest.raises(FileNotFoundError, match=r"tokenizer_name_or_path './nowhere'"):
         load_tokenizer("./nowhere")

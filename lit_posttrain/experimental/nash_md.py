@@ -152,13 +152,13 @@ class NashMDDataModule(L.LightningDataModule):
         columns: maps the expected column names to the data's (``{prompt: question}``).
         system_prompt: when set, each prompt becomes a conversation that starts with this system
             message (a plain prompt becomes the user message).
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
 
     >>> dm = NashMDDataModule("examples/tiny-model", [{"prompt": "1+1=", "answer": "2"}] * 4, batch_size=2)
     >>> dm.setup("fit")
     >>> sorted(next(iter(dm.train_dataloader())))
     ['columns', 'prompt', 'prompt_ids']
-        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
-            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(

@@ -205,11 +205,11 @@ class DPODataModule(L.LightningDataModule):
         dataset_config: hub dataset configuration name (e.g. ``"main"`` for ``openai/gsm8k``).
         columns: maps the column names DPO expects to the data's own, e.g.
             ``{prompt: question, chosen: good, rejected: bad}``; unmapped columns keep their names.
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
 
     For `ReferenceModel` precomputation it also offers ``ordered_dataloader(split, batch_size)``
     and ``add_columns(split, columns)``.
-        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
-            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(

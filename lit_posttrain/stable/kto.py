@@ -198,11 +198,11 @@ class KTODataModule(L.LightningDataModule):
         dataset_config: hub dataset configuration name.
         columns: maps the column names KTO expects to the data's own, e.g.
             ``{prompt: question, completion: answer, label: thumbs_up}``; unmapped columns keep their names.
+        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
+            CLI sets it from the model's ``trust_remote_code``).
 
     For `ReferenceModel` precomputation it also offers ``ordered_dataloader(split, batch_size)``
     and ``add_columns(split, columns)``.
-        trust_remote_code: let the tokenizer load code from its repository (off unless asked; the
-            CLI sets it from the model's ``trust_remote_code``).
     """
 
     def __init__(

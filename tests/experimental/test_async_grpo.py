@@ -5,7 +5,6 @@ first); the tests of the engine's lifecycle start their own, as a user's run doe
 """
 
 import csv
-import json
 import os
 import signal
 import socket
@@ -224,29 +223,33 @@ def test_a_dead_producer_is_a_clear_error_with_no_process_left(tiny_model_dir, t
 
 
 def test_resume_after_sigkill_continues_with_a_fresh_producer(tmp_path):
-    """SIGKILL to a CLI run after its step-4 checkpoint: its engine dies with it (no orphan); the same command
-    with --ckpt_path last continues at step 4 with a new engine and finishes at max_steps."""
+    """SIGKILL to a CLI run once it has checkpointed step 6: its engine dies with it (no orphan); the same
+    command with --ckpt_path last continues from the last checkpoint (step >= 4) with a new engine and
+    finishes at max_steps."""
     out = tmp_path / "run"
     config = tmp_path / "async.yaml"
     config.write_text(
         (ROOT / "configs" / "quickstart" / "async_grpo.yaml").read_text().replace("outputs/quickstart-async-grpo", str(out))
     )
     base = [
-        sys.executable, "-m", "lit_posttrain", "fit", "--config", str(config), "--trainer.max_steps", "8",
-        "--trainer.val_check_interval", "8", "--trainer.num_sanity_val_steps", "0",
+        sys.executable, "-m", "lit_posttrain", "fit", "--config", str(config), "--trainer.max_steps", "40",
+        "--trainer.val_check_interval", "40", "--trainer.num_sanity_val_steps", "0",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         f"--trainer.callbacks.dirpath={out}/checkpoints", "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.every_n_train_steps=2", "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
+        "--trainer.enable_checkpointing=true",
     ]  # fmt: skip
     env = {**os.environ, "LIT_POSTTRAIN_CACHE": "off"}
     first = subprocess.Popen(base, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not list((out / "checkpoints").glob("*step=4.ckpt")):
+    # step 6's file exists only after last.ckpt was written at step 4 (ModelCheckpoint saves step files first)
+    while time.monotonic() < deadline and not list((out / "checkpoints").glob("*step=6.ckpt")):
         assert first.poll() is None, first.stderr.read().decode()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.05)
     engines = _descendants(first.pid)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    assert first.returncode == -signal.SIGKILL, "the run ended before it could be killed: raise max_steps"
     time.sleep(2)
     assert engines and not [pid for pid in engines if _alive(pid)], "an engine process outlived its trainer"
     second = subprocess.run(base + ["--ckpt_path", "last"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -254,5 +257,5 @@ def test_resume_after_sigkill_continues_with_a_fresh_producer(tmp_path):
     versions = sorted({d.name for d in (out / "lightning_logs").iterdir()})
     with open(out / "lightning_logs" / versions[-1] / "metrics.csv") as f:
         steps = [int(float(row["async/policy_version"])) for row in csv.DictReader(f) if row.get("async/policy_version")]
-    assert steps[0] >= 4 and steps[-1] == 7, steps
-    assert json.loads(json.dumps(steps))  # logged every step after the resume point
+    assert 4 <= steps[0] < 39 and steps[-1] == 39, steps
+    assert steps == list(range(steps[0], 40))  # every step after the resume point, once
