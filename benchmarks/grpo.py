@@ -18,7 +18,9 @@ time per step: in ``/generate`` (``producer_generation_s_per_step``), pushing we
 (``producer_sync_s_per_step``) and waiting on backpressure (``producer_wait_s_per_step``), with
 the idle fractions of both sides. On a machine where both share the same cores the overlap cannot
 shorten a step; ``expected_step_s_own_device`` is what a step would take with the engine on its own
-device, max(training, generation + sync), from the measured stage times.
+device, max(training, generation + sync), from this run's stage times (on shared cores both are
+inflated by the other side: an upper bound; docs/methods/async_grpo.md uses the synchronous run's
+uncontended stage times instead).
 
 Timing: ``generation_s`` is the time inside ``pl_module.rollout.generate`` (wrapped, not
 replaced), ``training_s`` the rest of each ``training_step`` (rewards, log-probs, backward,

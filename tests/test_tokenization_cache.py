@@ -171,13 +171,12 @@ dist.destroy_process_group()
 
 def _two_ranks(tmp_path, cases, tiny_model_dir, cache):
     """Each rank's reports for ``cases`` ([(rows, max_length)]), run in two processes joined by gloo."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    from lit_posttrain.rollout.base import free_port
+
+    port = str(free_port())
     env = {**__import__("os").environ, "LIT_POSTTRAIN_CACHE": str(cache)}
     procs = [
         subprocess.Popen(

@@ -23,16 +23,11 @@ from lit_posttrain import GRPODataModule, GRPOModule  # noqa: E402
 from lit_posttrain.callbacks import VLLMRollout  # noqa: E402
 from lit_posttrain.models import LoRAConfig, load_model  # noqa: E402
 from lit_posttrain.rewards import PatternFractionReward  # noqa: E402
+from lit_posttrain.rollout.base import free_port  # noqa: E402
 from lit_posttrain.rollout import HFRollout, VLLMServerRollout  # noqa: E402
 
 PEAKED = {"initializer_range": 0.3}  # peaked logits: no greedy near-ties
 PROMPTS = ["Digits only: 41+29=", "Say hi", "Digits only: 80+44="]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 TOKEN = "test-secret-7f3a"
@@ -42,7 +37,7 @@ TOKEN = "test-secret-7f3a"
 def server(tiny_model_dir):
     """The server with a shared secret (as multi-node use needs); the trainer side gets it from the
     same environment variable, set for this module's tests."""
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "lit_posttrain", "vllm-serve", "--model", tiny_model_dir, "--random-init",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",

@@ -77,7 +77,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +94,7 @@ from lit_posttrain.data import LookaheadLoader
 from lit_posttrain.experimental import warn_experimental
 from lit_posttrain.rewards import TrainerState, score_completions
 from lit_posttrain.rollout import RolloutOutput, eos_ids
+from lit_posttrain.rollout.base import free_port
 from lit_posttrain.rollout.vllm import VLLMServerRollout
 from lit_posttrain.rollout.vllm_engine import policy_weights
 from lit_posttrain.stable.grpo import GRPOModule, group_advantages
@@ -328,7 +328,7 @@ class _Producer:
         if m.server_url:
             self.client = VLLMServerRollout(m.server_url, m.tokenizer, timeout=m.producer_timeout)
         else:
-            port = _free_port()
+            port = free_port()
             self._token = secrets.token_hex(16)
             self._token_dir = Path(tempfile.mkdtemp(prefix="lit-posttrain-async-"))
             token_file = self._token_dir / "token"
@@ -559,12 +559,6 @@ class _TokenClient(VLLMServerRollout):
     def _request(self, method, path, body=None, headers=None, timeout=None):
         headers = {**(headers or {}), "Authorization": f"Bearer {self._own_token}"}
         return super()._request(method, path, body, headers, timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:

@@ -7,7 +7,6 @@ first); the tests of the engine's lifecycle start their own, as a user's run doe
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from lit_posttrain import GRPODataModule, GRPOModule  # noqa: E402
 from lit_posttrain.callbacks import VLLMRollout  # noqa: E402
 from lit_posttrain.experimental.async_grpo import AsyncGRPOModule, ProducerError  # noqa: E402
 from lit_posttrain.rewards import PatternFractionReward  # noqa: E402
+from lit_posttrain.rollout.base import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "async-test-secret"
@@ -31,15 +31,9 @@ ROWS = [{"prompt": f"Digits only: {i}+{i % 7}="} for i in range(64)]
 VAL_ROWS = [{"prompt": f"Digits only: {i}+{i % 5}="} for i in range(100, 116)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(tiny_model_dir):
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "lit_posttrain", "vllm-serve", "--model", tiny_model_dir, "--random-init",
         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 * 2**20),
