@@ -2,12 +2,14 @@
 
     python examples/make_sdft_data.py         # writes examples/data/sdft/{train,val}.jsonl
 
-``train.jsonl`` / ``val.jsonl``: ``{"prompt": "23+19=", "privileged_context": "23+19=42"}``, the
+``train.jsonl`` / ``val.jsonl``:
+``{"prompt": "23+19=", "privileged_context": "23+19=42", "completion": "42"}``, the
 pairs of examples/data/sft/{train,val}.jsonl (so validation pairs are never trained on, and the
 figures compare with the SFT quickstart and the tiny teacher). The student sees ``23+19=``; the
 teacher, with the quickstart's ``teacher_prompt_template: "{privileged_context}\\n{prompt}"``, sees
 ``23+19=42\\n23+19=``: a demonstration of the same problem, which a model that can copy from its
-context answers correctly.
+context answers correctly. ``completion`` is the answer alone: SDFT never trains on it, it measures the
+student's and the teacher's token accuracy (`lit_posttrain.experimental.sdft.SDFTModule`'s metrics).
 
 Deterministic.
 """
@@ -27,7 +29,8 @@ def main() -> None:
         with open(OUT / f"{split}.jsonl", "w") as f:
             for row in rows:
                 demonstration = row["prompt"] + row["completion"]  # the worked answer: "23+19=42"
-                f.write(json.dumps({"prompt": row["prompt"], "privileged_context": demonstration}) + "\n")
+                f.write(json.dumps({"prompt": row["prompt"], "privileged_context": demonstration,
+                                    "completion": row["completion"]}) + "\n")  # fmt: skip
         print(f"{OUT / split}.jsonl: {len(rows)} rows")
 
 

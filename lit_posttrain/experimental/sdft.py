@@ -49,9 +49,10 @@ Numbered departures from TRL's ``SDFTTrainer`` / the paper:
 Data: ``prompt`` (a string, or a list of messages rendered with the chat template and
 ``add_generation_prompt``) and ``privileged_context`` (a string; a list of messages is joined by
 their contents, as TRL does). For a conversational prompt the template replaces the content of the
-last (user) message; earlier messages (a system prompt) are kept.
+last (user) message; earlier messages (a system prompt) are kept. An optional ``completion`` column
+(a string: the reference answer) is never trained on; it only gives the token accuracies below.
 
-    {"prompt": "23+19=", "privileged_context": "23+19=42"}
+    {"prompt": "23+19=", "privileged_context": "23+19=42", "completion": "42"}
 
 Metrics (``train/`` and ``val/``): ``loss``; ``kl`` the full-vocabulary reverse KL(S || T) per
 completion token whatever the loss is (the quantity SDFT drives down, comparable across settings);
@@ -59,6 +60,13 @@ completion token whatever the loss is (the quantity SDFT drives down, comparable
 ``completions/mean_length|min_length|max_length|clipped_ratio``; ``num_tokens`` (train: prompt and
 completion tokens so far); ``grad_norm`` and ``learning_rate``. Validation samples one greedy
 completion per prompt from the student prompt and measures the same quantities on it.
+With a ``completion`` column (not in TRL; absent without it), the answers are scored against it by
+`token_accuracy` (each reference token position by position, then the end: 1 for an exact answer):
+``completions/mean_token_accuracy`` (train: the step's sampled completions) and, on validation,
+``mean_token_accuracy`` (the student's greedy completion from the prompt alone) and
+``teacher_mean_token_accuracy`` (the teacher's greedy completion from the teacher prompt, adapters
+off with ``teacher_model_kind="base"``): SDFT should move the first toward the second. Token-weighted
+over ranks and the validation set.
 
 Supports: plain and conversational prompts, LoRA, DDP and FSDP2 (``ModelParallelStrategy``; the
 teacher pass is the sharded model's own forward), `lit_posttrain.callbacks.VLLMRollout`, exact
@@ -108,6 +116,8 @@ warn_experimental(__name__)
 class DataCollatorForSDFT:
     """Batch tokenized student and teacher prompts without padding: the rollout engine pads them.
 
+    A reference completion (``reference_ids``) is passed on when every row of the batch has one.
+
     >>> collator = DataCollatorForSDFT()
     >>> batch = collator([
     ...     {"prompt_ids": [5, 6], "teacher_prompt_ids": [9, 5, 6], "prompt": "2+2=", "privileged_context": "4"},
@@ -120,11 +130,14 @@ class DataCollatorForSDFT:
     """
 
     def __call__(self, examples: list[dict]) -> dict:
-        return {
+        batch = {
             "prompt_ids": [example["prompt_ids"] for example in examples],
             "teacher_prompt_ids": [example["teacher_prompt_ids"] for example in examples],
             "prompt": [example["prompt"] for example in examples],
         }
+        if all(example.get("reference_ids") is not None for example in examples):
+            batch["reference_ids"] = [example["reference_ids"] for example in examples]
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +168,9 @@ class SDFTDataModule(L.LightningDataModule):
     """Load, check and tokenize ``prompt`` + ``privileged_context`` rows; batch ``batch_size`` prompts.
 
     Each example gets the student prompt's tokens (``prompt_ids``) and the teacher prompt's
-    (``teacher_prompt_ids``: `compose_teacher_prompt` with ``teacher_prompt_template``).
+    (``teacher_prompt_ids``: `compose_teacher_prompt` with ``teacher_prompt_template``). An optional
+    ``completion`` column (the reference answer, a non-empty string: ``"42"``) is tokenized as
+    ``reference_ids`` and only measured against (the token accuracies of `SDFTModule`), never trained on.
 
     Args:
         tokenizer: tokenizer (or its path / hub id; the CLI links it to the model's).
@@ -232,7 +247,8 @@ class SDFTDataModule(L.LightningDataModule):
         rows = load_rows(data, split=split, name=self.dataset_config, columns=self.columns)
         source = describe_source(data)
         try:
-            check_rows(rows, required={"prompt": "text", "privileged_context": "text"}, source=source)
+            required = {"prompt": "text", "privileged_context": "text"}
+            check_rows(rows, required=required, optional={"completion": "str"}, source=source)
         except DataFormatError as error:
             if "missing column" in str(error) and "privileged_context" not in rows.column_names:
                 raise DataFormatError(
@@ -243,7 +259,10 @@ class SDFTDataModule(L.LightningDataModule):
         return rows
 
     def _tokenize(self, rows) -> list[dict]:
-        """-> [{"prompt_ids", "teacher_prompt_ids", "prompt", ...}]; prompts keep their last tokens."""
+        """-> [{"prompt_ids", "teacher_prompt_ids", "prompt", ...}]; prompts keep their last tokens.
+
+        With a ``completion`` column, also ``reference_ids``: its tokens (no special tokens added).
+        """
         examples = []
         for row in rows:
             prompt = self._with_system_prompt(row["prompt"])
@@ -258,6 +277,9 @@ class SDFTDataModule(L.LightningDataModule):
                     "teacher_prompt_ids": self._encode(teacher_prompt),
                 }
             )
+            if row.get("completion") is not None:  # the reference answer: measured, not trained on
+                reference = self.tokenizer(row["completion"], add_special_tokens=False)
+                examples[-1]["reference_ids"] = reference["input_ids"]
         return examples
 
     def _with_system_prompt(self, prompt):
@@ -407,6 +429,28 @@ def sdft_loss(
             "teacher_entropy": masked_mean(-(teacher_logps.exp() * teacher_logps).sum(-1), mask),
         }
     return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def token_accuracy(
+    completion_ids: list[list[int]], truncated: list[bool], reference_ids: list[list[int]]
+) -> tuple[int, int]:
+    """(correct, total): completion tokens equal to the reference's, position by position, and the end.
+
+    Each reference (the tokens of a row's ``completion``) has one more position, its end: right when
+    the completion stops there (its last token is an end token, not a truncation). A completion that
+    is longer or shorter than its reference loses the positions it does not match. ``correct / total``
+    is the token accuracy (1 for an exact answer).
+
+    >>> # reference "42" = [8, 6]; EOS = 1. Exact; a wrong last digit; right digits but no end (truncated)
+    >>> token_accuracy([[8, 6, 1], [8, 7, 1], [8, 6, 5]], [False, False, True], [[8, 6]] * 3)
+    (7, 9)
+    """
+    correct = total = 0
+    for ids, cut, reference in zip(completion_ids, truncated, reference_ids, strict=True):
+        correct += sum(a == b for a, b in zip(ids, reference))
+        correct += len(ids) == len(reference) + 1 and not cut  # stopped right after the answer
+        total += len(reference) + 1
+    return int(correct), total
 
 
 def _add_tail(logps: torch.Tensor) -> torch.Tensor:
@@ -585,8 +629,11 @@ class SDFTModule(L.LightningModule):
             )  # fmt: skip
         # 2. the loss and its metrics on those completions, after the student's and the teacher's prompts
         loss, metrics, num_tokens = self._shared_step(batch, rollout)
-        # 3. metrics over every rank's samples
+        # 3. metrics over every rank's samples (and their accuracy when the data has reference completions)
         metrics |= self._completion_metrics(rollout)
+        if "reference_ids" in batch:
+            correct, total = self._token_accuracy(rollout, batch["reference_ids"], self.num_generations)
+            metrics["completions/mean_token_accuracy"] = correct / total.clamp(min=1)
         self.num_tokens += int(self.trainer.strategy.reduce(num_tokens.float(), reduce_op="sum"))
         for name, value in metrics.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "kl"))
@@ -608,6 +655,23 @@ class SDFTModule(L.LightningModule):
                      prog_bar=name in ("loss", "kl"))  # fmt: skip
         lengths = torch.tensor([len(ids) for ids in rollout.completion_ids], dtype=torch.float)
         self.log("val/completions/mean_length", lengths.mean(), batch_size=len(lengths), sync_dist=True)
+        if "reference_ids" not in batch:
+            return
+        # the greedy answers of the student (prompt alone) and of the teacher (the privileged context; the
+        # adapters off with teacher_model_kind="base")
+        with self._teacher_context():
+            teacher_rollout = self.rollout.generate(
+                self.model, batch["teacher_prompt_ids"], num_generations=1,
+                max_completion_length=self.max_completion_length, do_sample=False,
+            )  # fmt: skip
+        for name, answers in (
+            ("mean_token_accuracy", rollout),
+            ("teacher_mean_token_accuracy", teacher_rollout),
+        ):
+            correct, total = self._token_accuracy(answers, batch["reference_ids"], 1)
+            # totals over every rank already: each rank logs the same value, weighted by all ranks' tokens
+            accuracy = correct / total.clamp(min=1)
+            self.log(f"val/{name}", accuracy, batch_size=max(int(total), 1), sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
@@ -721,6 +785,14 @@ class SDFTModule(L.LightningModule):
         totals = self.trainer.strategy.reduce(stacked, reduce_op="sum")
         return {name: totals[i] / totals[-1].clamp(min=1) for i, name in enumerate(names)}
 
+    def _token_accuracy(self, rollout: RolloutOutput, reference_ids: list[list[int]], G: int):
+        """`token_accuracy` of the rollout: (correct, total) summed over every rank."""
+        references = [ids for ids in reference_ids for _ in range(G)]  # prompt-major, as the rollout
+        correct, total = token_accuracy(rollout.completion_ids, rollout.truncated, references)
+        sums = torch.tensor([correct, total], dtype=torch.float, device=self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return sums[0], sums[1]
+
     def _completion_metrics(self, rollout: RolloutOutput) -> dict[str, torch.Tensor]:
         """Completion lengths over every rank's samples (TRL's names)."""
         lengths = torch.tensor(
@@ -736,4 +808,11 @@ class SDFTModule(L.LightningModule):
         }
 
 
-__all__ = ["DataCollatorForSDFT", "SDFTDataModule", "SDFTModule", "compose_teacher_prompt", "sdft_loss"]
+__all__ = [
+    "DataCollatorForSDFT",
+    "SDFTDataModule",
+    "SDFTModule",
+    "compose_teacher_prompt",
+    "sdft_loss",
+    "token_accuracy",
+]

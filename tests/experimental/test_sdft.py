@@ -10,10 +10,18 @@ import torch
 
 from lit_posttrain.data import DataFormatError
 from lit_posttrain.experimental import sdft
-from lit_posttrain.experimental.sdft import SDFTDataModule, SDFTModule, compose_teacher_prompt, sdft_loss
+from lit_posttrain.experimental.sdft import (
+    DataCollatorForSDFT,
+    SDFTDataModule,
+    SDFTModule,
+    compose_teacher_prompt,
+    sdft_loss,
+    token_accuracy,
+)
 from lit_posttrain.models import LoRAConfig
 
-DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "sdft"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DATA = EXAMPLES / "data" / "sdft"
 
 # one position, 3-way: the student S = (0.5, 0.3, 0.2), the teacher T = (0.7, 0.1, 0.2); the student's top 2
 # tokens are 0 and 1
@@ -112,6 +120,35 @@ def test_teacher_prompt_and_data_checks(tiny_model_dir):
     )
 
 
+def test_reference_completion_and_token_accuracy(tiny_model_dir):
+    """An optional completion column becomes reference_ids (batched only when every row has one; old data without
+    it still loads, the accuracy metrics are then absent); token_accuracy counts each reference token and the end."""
+    rows = [{"prompt": "1+1=", "privileged_context": "1+1=2", "completion": "2"},
+            {"prompt": "9+9=", "privileged_context": "9+9=18", "completion": "18"}]  # fmt: skip
+    data = SDFTDataModule(tiny_model_dir, rows)
+    data.setup()
+    tok = data.tokenizer
+    assert [tok.decode(example["reference_ids"]) for example in data.train_examples] == ["2", "18"]
+    assert DataCollatorForSDFT()(data.train_examples)["reference_ids"] == [
+        tok("2")["input_ids"],
+        tok("18")["input_ids"],
+    ]
+    old = SDFTDataModule(
+        tiny_model_dir, [{k: v for k, v in row.items() if k != "completion"} for row in rows]
+    )
+    old.setup()
+    assert "reference_ids" not in DataCollatorForSDFT()(old.train_examples)
+    assert "reference_ids" not in DataCollatorForSDFT()([data.train_examples[0], old.train_examples[0]])
+    with pytest.raises(DataFormatError, match="row 1, column 'completion'"):
+        SDFTDataModule(tiny_model_dir, [rows[0], {**rows[1], "completion": ""}]).setup()
+    # reference "18" = [5, 12] then the end (EOS 1): exact 3/3; "19" 2/3; "1" then EOS 1/3 (the end comes too
+    # early); "18" cut by max_completion_length (truncated) 2/3; "180" then EOS 2/3 (no end after "18")
+    eos = 1
+    completions = [[5, 12, eos], [5, 13, eos], [5, eos], [5, 12], [5, 12, 4, eos]]
+    truncated = [False, False, False, True, False]
+    assert token_accuracy(completions, truncated, [[5, 12]] * 5) == (3 + 2 + 1 + 2 + 2, 15)
+
+
 def test_bad_options_are_named(tiny_model_dir):
     """An EMA teacher, a base teacher without LoRA and sampled_token with alpha != 1 fail naming the option."""
     with pytest.raises(ValueError, match="teacher_model_kind must be one of"):
@@ -147,23 +184,27 @@ class _Record(L.Callback):
         self.val.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
 
 
-def _rows(split: str, n: int) -> list[dict]:
+def _rows(split: str, n: int, completion: bool = True) -> list[dict]:
     import json
 
-    return [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines()[:n]]
+    rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines()[:n]]
+    return rows if completion else [{k: v for k, v in row.items() if k != "completion"} for row in rows]
 
 
-def _fit(model_dir, steps: int, **module_options):
-    L.seed_everything(0)
-    module = SDFTModule(model_dir, random_init=True, max_completion_length=4, distillation_mode="full_logits",
+def _fit(model_dir, steps: int, *, random_init=True, num_train=512, num_val=16, seed=0, completion=True,
+         **module_options):  # fmt: skip
+    L.seed_everything(seed)
+    module = SDFTModule(model_dir, random_init=random_init, max_completion_length=4, distillation_mode="full_logits",
                         diagnostics=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
                         **module_options)  # fmt: skip
     record = _Record()
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, val_check_interval=steps, num_sanity_val_steps=-1, callbacks=[record],
+        enable_model_summary=False, val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=-1,
+        callbacks=[record],
     )  # fmt: skip
-    data = SDFTDataModule(model_dir, _rows("train", 512), _rows("val", 16), batch_size=8,
+    train, val = _rows("train", num_train, completion), _rows("val", num_val, completion)
+    data = SDFTDataModule(model_dir, train, val, batch_size=8,
                           teacher_prompt_template="{privileged_context}\n{prompt}")  # fmt: skip
     trainer.fit(module, data)
     return module, trainer, record
@@ -183,11 +224,41 @@ def test_learning_signal_held_out_kl_falls(tiny_model_dir):
         assert math.isfinite(record.train[-1][f"train/{name}"]), name
 
 
+def test_learning_signal_accuracy_rises_toward_the_teacher():
+    """From the shipped warm start (examples/tiny-sdft-start: copies an answer shown in its context, adds poorly
+    alone), SDFT with the paper's fixed teacher (LoRA, teacher_model_kind='base': the warm start itself, shown the
+    worked answer) lowers the held-out KL and raises the student's greedy token accuracy toward the teacher's.
+    Measured on the first 64 validation prompts, 256 steps of 8 prompts, LoRA r 16, lr 1e-3, JSD on the full
+    vocabulary, seeds 0, 1, 2: val/kl 2.98 -> 2.31, 2.20, 2.23; val/mean_token_accuracy 0.32 -> 0.53, 0.54, 0.54;
+    val/teacher_mean_token_accuracy 0.85 throughout. The bars: KL below 0.9x, accuracy up by 0.12 or more, the
+    gap to the teacher down by a quarter or more."""
+    start = EXAMPLES / "tiny-sdft-start"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small gain nothing from threads, and lose 10x on a busy machine
+    try:
+        _, _, record = _fit(start, 256, random_init=False, num_train=2300, num_val=64,
+                            lora=LoRAConfig(r=16, alpha=32, dropout=0.0), teacher_model_kind="base")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    before, after = record.val[0], record.val[-1]
+    figures = {name: (round(before[f"val/{name}"], 3), round(after[f"val/{name}"], 3))
+               for name in ("kl", "mean_token_accuracy", "teacher_mean_token_accuracy")}  # fmt: skip
+    print(f"\nSDFT from the warm start, before -> after: {figures}")
+    (kl0, kl1), (acc0, acc1), (teacher0, teacher1) = figures.values()
+    assert kl1 < 0.9 * kl0, figures
+    assert teacher0 > 0.8 and teacher1 == teacher0, figures  # the fixed teacher knows the answers
+    assert acc0 < 0.4 and acc1 > acc0 + 0.12, figures  # weak alone, then better
+    assert teacher1 - acc1 < 0.75 * (teacher0 - acc0), figures  # toward the teacher
+    assert 0 <= record.train[-1]["train/completions/mean_token_accuracy"] <= 1
+
+
 def test_no_second_copy_of_the_weights(tiny_model_dir):
     """After training, the parameter bytes held by the module and every callback are those of the one model (full
     fine-tuning); with LoRA and teacher_model_kind='base' the teacher pass disables the adapters (no copy either)
-    and equals the base model's output."""
-    module, trainer, _ = _fit(tiny_model_dir, 2)
+    and equals the base model's output. (Trained on data without the completion column: no accuracy is logged.)"""
+    module, trainer, record = _fit(tiny_model_dir, 2, completion=False)
+    assert "val/kl" in record.val[-1] and "train/kl" in record.train[-1]
+    assert not [name for name in [*record.val[-1], *record.train[-1]] if "accuracy" in name]
     model_bytes = sum(p.numel() * p.element_size() for p in module.model.parameters())
     held = {id(p): p for p in module.parameters()}
     for callback in trainer.callbacks:
