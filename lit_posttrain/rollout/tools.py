@@ -60,9 +60,10 @@ background until it returns. A tool that executes untrusted code (e.g. what the 
 run it in a subprocess with CPU-time and memory limits and no network itself.
 
 Sharded policies: `HFRollout` under FSDP needs every rank to call ``generate`` the same number of
-times, and the number of turns here depends on what each rank's samples do; a sharded run must
-agree on the turn count across ranks first (not done here). Plain DDP and the vLLM engines need no
-agreement.
+times (every forward all-gathers the weights), and the number of turns depends on what each rank's
+samples do: with a sharded policy the ranks agree on each turn (an all-reduce) and a rank whose
+samples are done joins the others' decoding with a one-token dummy generation. Plain DDP and the
+vLLM engines need no agreement.
 
 Departures from TRL's tool loop (``GRPOTrainer`` with ``tools=``):
 
@@ -86,10 +87,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import torch
 from transformers.utils import get_json_schema
 from transformers.utils.chat_template_utils import DocstringParsingException, TypeHintParsingException
 
 from lit_posttrain.rollout.base import RolloutOutput, eos_ids
+from lit_posttrain.rollout.hf import _synced_gpus
 
 CallFormat = Literal["hermes", "tiny"]
 CALL_FORMATS = ("hermes", "tiny")
@@ -223,7 +226,8 @@ class ToolRollout:
         tokenizer: the policy's tokenizer (decodes turns, encodes tool results, renders tool turns
             with its chat template for ``"hermes"``).
         tools: the callables the model may call (or their import paths, ``"my_tools.add"``).
-        env_factory: builds one `Environment` per sample; exclusive with ``tools``.
+        env_factory: builds one `Environment` per sample (a class or a function, or its import path,
+            ``"my_envs.Game"``); exclusive with ``tools``.
         max_turns: the most model turns (generation calls) per sample.
         max_tool_response_tokens: a tool result longer than this many tokens is cut to it.
         tool_timeout: seconds a turn's calls may run before they become ``error: ... timed out``.
@@ -235,7 +239,7 @@ class ToolRollout:
         engine,
         tokenizer,
         tools: list[Callable | str] | None = None,
-        env_factory: Callable[[], Environment] | None = None,
+        env_factory: Callable[[], Environment] | str | None = None,
         max_turns: int = 4,
         max_tool_response_tokens: int = 128,
         tool_timeout: float = 10.0,
@@ -261,10 +265,12 @@ class ToolRollout:
         self.tokenizer = tokenizer
         self.tools = {}
         for tool in tools or []:
-            fn = _resolve(tool) if isinstance(tool, str) else tool
+            fn = _resolve(tool, "tools") if isinstance(tool, str) else tool
             self.tools[fn.__name__] = fn
         self.tool_schemas = tool_schemas(list(self.tools.values()))  # for the chat template's tools=
-        self.env_factory = env_factory
+        self.env_factory = (
+            _resolve(env_factory, "env_factory") if isinstance(env_factory, str) else env_factory
+        )
         self.max_turns = max_turns
         self.max_tool_response_tokens = max_tool_response_tokens
         self.tool_timeout = tool_timeout
@@ -311,8 +317,15 @@ class ToolRollout:
                     )
             active = [i for i in active if len(ids[i]) < max_completion_length]
             truncated = [len(ids[i]) >= max_completion_length for i in range(n)]
+        lockstep = bool(_synced_gpus(model))  # a sharded policy: the ranks agree on every turn
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "do_sample": do_sample}
         for turn in range(self.max_turns):
+            if lockstep and not _any_rank(bool(active), model):
+                break  # every rank is done
             if not active:
+                if lockstep:  # other ranks still decode: join their forwards (each all-gathers the weights)
+                    self.engine.generate(model, [prompts[0]], max_completion_length=1, **sampling)
+                    continue
                 break
             budgets = [max_completion_length - len(ids[i]) for i in active]
             out = self.engine.generate(
@@ -320,11 +333,8 @@ class ToolRollout:
                 [prompts[i] + ids[i] for i in active],
                 num_generations=1,
                 max_completion_length=max(budgets),
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                do_sample=do_sample,
                 stop_token_ids=[self.call_end_id],
+                **sampling,
             )
             has_logps, num_syncs = has_logps and out.logps is not None, out.num_syncs
             pending = []  # (sample, text before the call, the call or the parse error)
@@ -460,9 +470,23 @@ def _observation(answer) -> tuple[str, bool]:
     return answer[0], bool(answer[1])
 
 
-def _resolve(path: str) -> Callable:
-    """``"package.module.function"`` -> the function."""
+def _any_rank(flag: bool, model) -> bool:
+    """Whether ``flag`` holds on any rank (a collective: every rank calls it)."""
+    device = next(model.parameters()).device
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _resolve(path: str, option: str) -> Callable:
+    """``"package.module.function"`` -> the function (or class)."""
     module, _, name = path.rpartition(".")
     if not module:
-        raise ValueError(f"tools: expected an import path like 'my_tools.add', got {path!r}")
-    return getattr(importlib.import_module(module), name)
+        raise ValueError(f"{option}: expected an import path like 'my_tools.add', got {path!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"{option}: cannot import {path!r} ({type(err).__name__}: {err}); the module must be importable "
+            "from the working directory or the Python path"
+        ) from err

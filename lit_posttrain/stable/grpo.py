@@ -26,7 +26,8 @@ Numbered departures from the paper (TRL's defaults and conventions unless said o
    completion, the geometric mean of its token ratios.
 6. Groups never span ranks: each rank samples its own prompts' G completions (TRL spreads a group
    over ranks), so advantages need no communication; ``scale_rewards="batch"`` uses this rank's std.
-7. Validation samples one greedy completion per prompt and logs its reward (``val/reward``).
+7. Validation samples one greedy completion per prompt by default and logs its reward (``val/reward``);
+   ``val_do_sample=True`` samples as TRL's evaluation does, from a generator reseeded at every validation.
 
 Training loop (manual optimization; one ``training_step`` = one generation batch):
 
@@ -87,7 +88,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.fsdp import fully_shard
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from transformers import PreTrainedTokenizerBase
 
 from lit_posttrain.callbacks.diagnostics import TrainingDiagnostics
@@ -583,12 +584,20 @@ class GRPOModule(L.LightningModule):
             logger as a ``wandb.Table`` (`WandbLogger`, key ``completions``) or as text
             (`TensorBoardLogger`, tag ``completions``). Rank 0's samples, from rank 0.
         num_completions_to_print: rows per table (the first ones of the generation batch); None: all.
+        val_do_sample: validation samples ``num_generations_eval`` completions per prompt at the
+            training ``temperature`` / ``top_p`` / ``top_k`` (TRL's evaluation) instead of one greedy
+            completion. The samples come from a generator seeded anew at every validation (from the
+            run's seed, the batch and the rank): validations compare the same draws, and training's
+            sampling RNG is untouched.
+        num_generations_eval: completions per prompt when ``val_do_sample`` (TRL's name); None:
+            ``num_generations``.
         tools: callables the model may call (typed, with a docstring; YAML: import paths, e.g.
             ``[my_tools.add]``): rollouts become multi-turn (`lit_posttrain.rollout.ToolRollout`, docs/tools.md):
             generation stops at a tool call, the tool runs, its result is inserted (no loss on it) and
             generation continues. Reward functions also get ``trajectory=`` (each sample's messages).
         environment_factory: instead of ``tools``, builds one environment per sample (``reset`` /
-            ``step``, see docs/tools.md) that answers the calls.
+            ``step``, see docs/tools.md) that answers the calls: a class or a function, or its import
+            path (YAML: ``my_envs.Game``).
         max_tool_calling_iterations: model turns per sample at most (TRL's name).
         tool_call_format: ``hermes`` (``<tool_call>{json}</tool_call>``, Qwen2.5) or ``tiny`` (``<add 1 2>``).
         tool_timeout: seconds a turn's tool calls may run; later they become an error message.
@@ -610,7 +619,8 @@ class GRPOModule(L.LightningModule):
         that reports log-probs (vLLM), ``sampling/logp_diff/mean|max`` and
         ``sampling/importance_ratio/min|mean|max``; ``grad_norm`` (before clipping, as TRL logs it)
         and ``learning_rate`` of the generation batch's last optimizer step. Validation: ``val/reward``,
-        ``val/rewards/<function>/mean``, ``val/completions/mean_length`` (greedy, one per prompt).
+        ``val/rewards/<function>/mean``, ``val/completions/mean_length`` (greedy, one per prompt;
+        ``val_do_sample``: sampled), and with tools ``val/tools/*`` and ``val/episodes/*`` as in training.
     """
 
     METHOD = "GRPO"
@@ -655,8 +665,10 @@ class GRPOModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         log_completions: bool = False,
         num_completions_to_print: int | None = None,
+        val_do_sample: bool = False,
+        num_generations_eval: int | None = None,
         tools: list[Callable] | None = None,
-        environment_factory: Callable | None = None,
+        environment_factory: Callable | str | None = None,
         max_tool_calling_iterations: int = 4,
         tool_call_format: Literal["hermes", "tiny"] = "hermes",
         tool_timeout: float = 10.0,
@@ -768,6 +780,15 @@ class GRPOModule(L.LightningModule):
             MeanMetric(nan_strategy="ignore") for _ in reward_funcs
         )
         self.val_completion_length = MeanMetric()
+        if num_generations_eval is not None and num_generations_eval < 1:
+            raise ValueError(f"num_generations_eval must be at least 1, got {num_generations_eval}")
+        self.val_do_sample, self.num_generations_eval = val_do_sample, num_generations_eval
+        self.val_seed = 0  # the run's seed, set in setup: validation's samples are drawn from it
+        # held-out tools/* and episodes/* (tool rollouts): per-episode means, calls and their outcomes summed
+        self.val_tools = torch.nn.ModuleDict(
+            {name: MeanMetric() for name in ("calls_per_episode", "turns_mean", "truncated_ratio")}
+            | {name: SumMetric() for name in ("calls", "successes", "errors", "timeouts")}
+        )
 
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard each decoder layer, then the root."""
@@ -859,22 +880,30 @@ class GRPOModule(L.LightningModule):
             self._log_completion_table(prompts, completions, rewards_per_func, advantages)
 
     def validation_step(self, batch, batch_idx):
-        rollout = self._engine().generate(
-            self.model,
-            batch["prompt_ids"],
-            num_generations=1,
-            max_completion_length=self.max_completion_length,
-            do_sample=False,
-        )
-        completions = self._completions(batch["prompt"], rollout)
+        G, sampling = 1, {"do_sample": False}  # one greedy completion per prompt
+        if self.val_do_sample:
+            G = self.num_generations_eval or self.num_generations
+            sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        generator = torch.Generator(self.device).manual_seed(
+            self.val_seed + 1_000_003 * batch_idx + 7919 * self.global_rank
+        )  # the same draws at every validation
+        with sampling_rng(generator):
+            rollout = self._engine().generate(
+                self.model,
+                batch["prompt_ids"],
+                num_generations=G,
+                max_completion_length=self.max_completion_length,
+                **sampling,
+            )
+        prompts, completions, columns = self._reward_inputs(batch, rollout, G)
         rewards_per_func = score_completions(
             self.reward_funcs,
-            batch["prompt"],
+            prompts,
             completions,
             completion_ids=rollout.completion_ids,
-            columns=batch["columns"],
+            columns=columns,
             trainer_state=self._trainer_state(),
-        )  # (N, F)
+        )  # (N * G, F)
         self.val_reward.update(self._combine(rewards_per_func))
         for metric, values in zip(self.val_rewards_per_func, rewards_per_func.T):
             metric.update(values)
@@ -885,6 +914,29 @@ class GRPOModule(L.LightningModule):
         for name, metric in zip(self.reward_func_names, self.val_rewards_per_func):
             self.log(f"val/rewards/{name}/mean", metric)
         self.log("val/completions/mean_length", self.val_completion_length)
+        if rollout.tool_stats is not None:
+            self._log_val_tools(rollout)
+
+    def _log_val_tools(self, rollout: RolloutOutput) -> None:
+        """Held-out ``val/tools/*`` and ``val/episodes/*``, accumulated over the validation's batches and ranks."""
+        stats, metrics = rollout.tool_stats, self.val_tools
+        metrics["calls_per_episode"].update(torch.tensor([float(s["calls"]) for s in stats], device=self.device))
+        metrics["turns_mean"].update(torch.tensor([float(s["turns"]) for s in stats], device=self.device))
+        metrics["truncated_ratio"].update(torch.tensor([float(t) for t in rollout.truncated], device=self.device))
+        for name in ("calls", "successes", "errors", "timeouts"):
+            metrics[name].update(torch.tensor([float(s[name]) for s in stats], device=self.device))
+        self.log("val/tools/calls_per_episode", metrics["calls_per_episode"])
+        self.log("val/tools/errors", metrics["errors"])
+        self.log("val/tools/timeouts", metrics["timeouts"])
+        self.log("val/episodes/turns_mean", metrics["turns_mean"])
+        self.log("val/episodes/truncated_ratio", metrics["truncated_ratio"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.tool_options is not None and self.val_tools["calls"].update_count:
+            calls, successes = self.val_tools["calls"].compute(), self.val_tools["successes"].compute()
+            self.log("val/tools/success_rate", successes / calls.clamp(min=1))  # calls that returned, over calls
+            self.val_tools["calls"].reset()
+            self.val_tools["successes"].reset()
 
     def configure_optimizers(self):
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
@@ -913,6 +965,7 @@ class GRPOModule(L.LightningModule):
         # does not save the global RNG), so a resumed run samples what the uninterrupted one would
         self.generator = torch.Generator(self.trainer.strategy.root_device)
         self.generator.manual_seed(torch.initial_seed() + self.global_rank)
+        self.val_seed = torch.initial_seed()
 
     def configure_callbacks(self):
         # Lightning rejects these options under manual optimization with a generic error, and checks
@@ -1008,9 +1061,12 @@ class GRPOModule(L.LightningModule):
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
         return input_ids.to(device), attention_mask.to(device), completion_mask
 
-    def _reward_inputs(self, batch: dict, rollout: RolloutOutput) -> tuple[list, list, dict[str, list]]:
-        """What reward functions see, one of each per completion: prompts, completions, dataset columns."""
-        G = self.num_generations
+    def _reward_inputs(
+        self, batch: dict, rollout: RolloutOutput, G: int | None = None
+    ) -> tuple[list, list, dict[str, list]]:
+        """What reward functions see, one of each per completion (``G`` per prompt, default
+        ``num_generations``): prompts, completions, dataset columns."""
+        G = G or self.num_generations
         prompts = [prompt for prompt in batch["prompt"] for _ in range(G)]  # prompt-major, as the rollout
         columns = {
             name: [value for value in values for _ in range(G)] for name, values in batch["columns"].items()

@@ -40,6 +40,14 @@ MULTI_RUNS = [
     # rank 0's completions all end after one token, rank 1's run to max_completion_length
     {"name": "grpo_fsdp2_uneven", "method": "grpo", "strategy": "fsdp2", "devices": 2, "batch_size": 2,
      "max_steps": 2, "uneven_eos": True, "export": False},
+    # multi-turn tool rollouts, one calculator environment per sample on the rank that samples it
+    {"name": "grpo_tools_ddp", "method": "grpo", "strategy": "ddp", "devices": 2, "batch_size": 2, "max_steps": 3,
+     "tools": True, "lr": 3e-4, "export": False},
+    {"name": "grpo_tools_fsdp2", "method": "grpo", "strategy": "fsdp2", "devices": 2, "batch_size": 2, "max_steps": 3,
+     "tools": True, "lr": 3e-4, "export": False},
+    # rank 0's episodes end at their first call, rank 1's go on: the sharded ranks must agree on the turns
+    {"name": "grpo_tools_fsdp2_uneven", "method": "grpo", "strategy": "fsdp2", "devices": 2, "batch_size": 2,
+     "max_steps": 2, "tools": True, "uneven_turns": True, "lr": 3e-4, "export": False},
     # the uninterrupted run of test_resume.py's 2-process resume
     {"name": "grpo_fsdp2_full", "method": "grpo", "strategy": "fsdp2", "devices": 2, "batch_size": 2,
      "steps_per_generation": 2, "max_steps": 8, "checkpoint": True},
@@ -50,6 +58,8 @@ SINGLE_RUNS = [
     {"name": "reward_single", "method": "reward", "batch_size": 8},
     {"name": "grpo_single", "method": "grpo", "batch_size": 4, "rollout": "per_prompt"},
     {"name": "rloo_single", "method": "rloo", "batch_size": 4, "rollout": "per_prompt"},
+    {"name": "grpo_tools_single", "method": "grpo", "batch_size": 4, "max_steps": 3, "tools": True, "lr": 3e-4,
+     "export": False},
     {"name": "kto_single", "method": "kto", "batch_size": 8, "accumulate": 2},
 ]
 

@@ -28,7 +28,11 @@ by the prompt, so completions do not depend on which process or batch the prompt
 what lets a 2-process run be compared with a 1-process run); ``uneven_eos`` (GRPO: every token
 ends a completion on rank 0 only); ``steps_per_generation`` (GRPO / RLOO); ``dpo_loss_type`` and
 ``precompute_ref_logps`` (DPO); ``num_rows`` (first rows of the training file only); ``lr``;
-``export`` (HubExport). ``method`` kto (mostly desirable unpaired rows built from the preference
+``export`` (HubExport); ``tools`` (GRPO / RLOO: the warm-started tool caller with the
+tool quickstart's calculator environment, one instance per sample, each recording its rank, process
+and prompt in ``<root>/<name>/envs-<rank>.jsonl``; samples drawn by `PerSampleRollout`);
+``uneven_turns`` (with ``tools``: rank 0's environments end every episode at its first call, so
+rank 0 has no second turn while rank 1 does). ``method`` kto (mostly desirable unpaired rows built from the preference
 pairs, so that KTO's reference point is positive) and bco (the pairs, unpaired) take ``accumulate``,
 ``precompute_ref_logps`` and ``num_rows`` too.
 """
@@ -50,6 +54,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = str(ROOT / "examples" / "tiny-model")
 DATA = ROOT / "examples" / "data"
+sys.path.insert(0, str(ROOT / "examples"))  # tool_rewards: the tool quickstart's reward and environment
 
 DEFAULTS = {
     "method": "sft",
@@ -70,6 +75,8 @@ DEFAULTS = {
     "num_rows": None,
     "lr": None,
     "export": True,
+    "tools": False,
+    "uneven_turns": False,
 }
 
 
@@ -114,6 +121,63 @@ class PerPromptRollout:
             completions=[text for out in outputs for text in out.completions],
             truncated=[t for out in outputs for t in out.truncated],
         )
+
+
+class PerSampleRollout:
+    """Sample every sequence alone, with the global RNG seeded by its token ids and by how many equal
+    sequences came before it in the call (a group's G copies of a prompt draw different samples):
+    the samples do not depend on the process or batch, and multi-turn tool rollouts (which call
+    ``generate`` again with the trajectories so far) stay placement-independent turn after turn."""
+
+    def __init__(self, rollout):
+        self.rollout = rollout
+
+    def generate(self, model, prompt_ids, **kwargs):
+        from lit_posttrain.rollout import RolloutOutput
+
+        # a sharded policy decodes in lockstep: every rank makes as many generate calls as the busiest
+        # (agreed before any of them, so the collectives pair up in the same order on every rank)
+        from lit_posttrain.rollout.hf import _synced_gpus
+
+        num_calls = len(prompt_ids)
+        if _synced_gpus(model):
+            calls = torch.tensor([num_calls])
+            torch.distributed.all_reduce(calls, op=torch.distributed.ReduceOp.MAX)
+            num_calls = int(calls)
+        outputs, seen = [], {}
+        for ids in prompt_ids:
+            k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sum((i + 1) * t for i, t in enumerate(ids)) + 1_000_003 * k)
+                outputs.append(self.rollout.generate(model, [ids], **kwargs))
+        for _ in range(num_calls - len(prompt_ids)):
+            self.rollout.generate(model, [prompt_ids[0]], **{**kwargs, "max_completion_length": 1})
+        return RolloutOutput(
+            completion_ids=[ids for out in outputs for ids in out.completion_ids],
+            completions=[text for out in outputs for text in out.completions],
+            truncated=[t for out in outputs for t in out.truncated],
+        )
+
+
+def recording_calculator(log: Path, uneven_turns: bool = False):
+    """The tool quickstart's environment (examples/tool_rewards.py), recording where each instance runs."""
+    from tool_rewards import ProblemCalculator
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    class RecordingCalculator(ProblemCalculator):
+        def reset(self, prompt: str) -> None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            with open(log.with_name(f"{log.name}-{rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"rank": rank, "pid": os.getpid(), "env": id(self), "prompt": prompt}) + "\n")
+            self.rank = rank
+            return super().reset(prompt)
+
+        def step(self, call):
+            observation, done = super().step(call)
+            return observation, done or (uneven_turns and self.rank == 0)
+
+    return RecordingCalculator
 
 
 def rows(path: Path, num_rows: int | None):
@@ -208,6 +272,19 @@ def build(run: dict):
             micro_batch_size=batch_size * num_generations // run["steps_per_generation"] // run["accumulate"],
             optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
         )
+        if run["tools"]:
+            from tool_rewards import final_answer
+
+            caller = str(ROOT / "examples" / "tiny-tool-caller")
+            module = Module(
+                caller, reward_funcs=[final_answer], tool_call_format="tiny", max_tool_calling_iterations=2,
+                environment_factory=recording_calculator(Path(run["root"]) / run["name"] / "envs", run["uneven_turns"]),
+                num_generations=num_generations, max_completion_length=48,
+                micro_batch_size=batch_size * num_generations, optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+            )  # fmt: skip
+            module.rollout = PerSampleRollout(module.rollout)
+            data = DataModule(caller, train_data=rows(DATA / "tools" / "train.jsonl", 64), batch_size=batch_size)
+            return module, data, callbacks
         if run["rollout"] == "per_prompt":
             module.rollout = PerPromptRollout(module.rollout)
         train_data = rows(DATA / "prompts" / "train.jsonl", run["num_rows"])

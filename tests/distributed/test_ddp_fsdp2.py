@@ -140,3 +140,49 @@ def test_generation_lockstep_with_uneven_completion_lengths(multi_runs):
     for row in rows.values():
         assert float(row["train/completions/min_length"]) == 1.0  # rank 0
         assert float(row["train/completions/max_length"]) > 1.0  # rank 1
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_tool_rollouts_with_per_rank_environments(strategy, single_runs, multi_runs):
+    """GRPO with multi-turn tool rollouts on 2 processes, DDP and FSDP2 (the tool quickstart's calculator
+    environment on the warm-started tool caller): every sample gets its own environment instance, created in the
+    process of the rank that samples it and reset with that rank's prompt, the ranks' prompts are disjoint and
+    together the 1-process run's, and every logged metric (reward, loss, tools/*, episodes/*, gathered over both
+    ranks) equals the 1-process run with the same global batch (samples drawn per sequence, so placement does not
+    change them)."""
+    import json
+
+    run = multi_runs / f"grpo_tools_{strategy}"
+    single, multi = metrics(single_runs / "grpo_tools_single"), metrics(run)
+    assert sorted(single) == sorted(multi) == [0, 1, 2]
+    for step in single:
+        assert single[step].keys() == multi[step].keys()
+        assert float(single[step]["train/tools/calls_per_episode"]) > 0  # the tool caller called
+        for name, value in single[step].items():
+            assert math.isclose(float(multi[step][name]), float(value), rel_tol=RTOL, abs_tol=ATOL), (step, name)
+    logs = {
+        rank: [json.loads(line) for line in (run / f"envs-{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    }  # fmt: skip
+    samples_per_step = 2 * 4  # prompts per rank x num_generations
+    for rank, entries in logs.items():
+        assert len(entries) == 3 * samples_per_step  # one reset per sample and step
+        assert {e["rank"] for e in entries} == {rank} and len({e["pid"] for e in entries}) == 1
+        for step in range(3):  # one live instance per sample
+            assert len({e["env"] for e in entries[step * samples_per_step : (step + 1) * samples_per_step]}) == 8
+    assert logs[0][0]["pid"] != logs[1][0]["pid"]
+    assert not {e["prompt"] for e in logs[0]} & {e["prompt"] for e in logs[1]}
+    one_process = (single_runs / "grpo_tools_single" / "envs-0.jsonl").read_text().splitlines()
+    assert sorted(e["prompt"] for e in logs[0] + logs[1]) == sorted(json.loads(line)["prompt"] for line in one_process)
+
+
+def test_sharded_tool_rollouts_agree_on_turns(multi_runs):
+    """FSDP2 with tool rollouts where rank 0's environments end every episode at its first call and rank 1's
+    episodes go on to a second turn: rank 0 joins rank 1's second-turn decoding with a dummy generation (every
+    forward all-gathers the weights; without the agreement the run hangs), and the run finishes both steps with
+    the gathered turn count between rank 0's 1 and rank 1's 2."""
+    rows = metrics(multi_runs / "grpo_tools_fsdp2_uneven")
+    assert sorted(rows) == [0, 1]
+    for row in rows.values():
+        assert 1 < float(row["train/episodes/turns_mean"]) < 2
+        assert float(row["train/tools/calls_per_episode"]) > 0
