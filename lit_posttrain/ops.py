@@ -98,16 +98,18 @@ def chunked_selective_log_softmax(
     flat_index = index.reshape(-1)  # (P,)
 
     def chunk_logps(hidden: torch.Tensor, chunk_index: torch.Tensor):
-        logits = lm_head(hidden).float()  # (C, V)
+        logits = lm_head(hidden).float()  # (C, V), float32 whatever dtype the head computes in
         if temperature != 1.0:
             logits = logits / temperature
-        logsumexp = torch.logsumexp(logits, dim=-1)  # (C,)
-        logps = torch.gather(logits, -1, chunk_index.unsqueeze(-1)).squeeze(-1) - logsumexp  # (C,)
+        # log_softmax is one fused kernel that works row by row in cache, forward and backward; a
+        # logsumexp-and-subtract form makes several passes over the whole (C, V) chunk in memory, which
+        # costs more than the head's matmul once that runs in bfloat16 (docs/benchmarks.md, bf16 on CPU)
+        all_logps = torch.log_softmax(logits, dim=-1)  # (C, V)
+        logps = torch.gather(all_logps, -1, chunk_index.unsqueeze(-1)).squeeze(-1)  # (C,)
         if not with_stats:
             return logps
         with torch.no_grad():  # saves nothing for backward: the recomputation stops before this
-            all_logps = logits - logsumexp.unsqueeze(-1)  # (C, V)
-            entropy = -(all_logps.exp() * all_logps).sum(-1)  # (C,)
+            entropy = -torch.linalg.vecdot(all_logps.exp(), all_logps)  # (C,)
             return logps, entropy, logits.mean(-1), logits.argmax(-1)
 
     outputs = []

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 
 from lit_posttrain.diagnostics import Diagnoser, Finding, Thresholds, run_context
+from lit_posttrain.precision import warn_if_slow_precision
 
 
 class LearningSignal(L.Callback):
@@ -167,6 +168,7 @@ class TrainingDiagnostics(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        warn_if_slow_precision(trainer)  # e.g. bf16 on a CPU without AVX512-BF16 / AMX: slower than 32-true
         hparams = dict(trainer.datamodule.hparams_initial) if trainer.datamodule is not None else {}
         hparams.update(pl_module.hparams_initial)
         self.diagnoser = Diagnoser(
