@@ -338,20 +338,23 @@ _MEMORY_SCRIPT = textwrap.dedent(
         module.model.zero_grad(set_to_none=False)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak so far (ru_maxrss: KiB)
 
-    # each path's growth from its own smaller step (which also settles one-time buffers); the full
-    # path's smaller step peaks above the chunked path's larger one, so its growth is measured from there
-    peaks = {path: [step(path, completion), step(path, 2 * completion)] for path in ("chunked", "full")}
+    # each path's growth from its own smaller step (which also settles one-time buffers); the full path
+    # runs second, so its growth is measured from the larger of its smaller step's peak and the chunked
+    # path's (a lower bound of its own growth)
+    peaks = {path: [step(path, completion), step(path, 4 * completion)] for path in ("chunked", "full")}
     print(json.dumps(peaks))
     """
 )
 
 
 def test_peak_memory_does_not_grow_with_vocab_times_tokens(tiny_model_dir):
-    """At vocab 150k (hidden 64, 1 layer), doubling a GRPO micro-batch's completion tokens (4 x 64 -> 4 x 128)
+    """At vocab 150k (hidden 64, 1 layer), quadrupling a GRPO micro-batch's completion tokens (4 x 64 -> 4 x 256)
     grows the peak RSS of its log-prob + backward step by less than a quarter of the added tokens' full
-    logits (4 x 64 x 150k x 4 bytes = 146 MiB); the full-logits computation, measured the same way in
+    logits (4 x 192 x 150k x 4 bytes = 439 MiB); the full-logits computation, measured the same way in
     the same fresh process, grows by more than those logits (the measurement sees torch's CPU
-    allocations). Measured: chunked +0 MiB, full logits +590 MiB."""
+    allocations). The chunked path's growth does not scale with the tokens: it is allocator noise of up
+    to about one chunk (64 MiB of logits), measured 0-65 MiB when doubling the tokens; quadrupling keeps
+    the bound clear of that noise."""
     result = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, tiny_model_dir, str(VOCAB), str(ROWS), str(COMPLETION)],
         capture_output=True, text=True, timeout=300, check=False,
@@ -359,12 +362,14 @@ def test_peak_memory_does_not_grow_with_vocab_times_tokens(tiny_model_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     peaks = json.loads(result.stdout.strip().splitlines()[-1])
     (chunked_before, chunked_after), (full_before, full_after) = peaks["chunked"], peaks["full"]
-    added_logits = ROWS * COMPLETION * VOCAB * 4
+    added_logits = ROWS * 3 * COMPLETION * VOCAB * 4
     print(
-        f"\npeak RSS, 4 x 64 -> 4 x 128 completion tokens at vocab 150k: chunked {chunked_before / 2**20:.0f} -> "
+        f"\npeak RSS, 4 x 64 -> 4 x 256 completion tokens at vocab 150k: chunked {chunked_before / 2**20:.0f} -> "
         f"{chunked_after / 2**20:.0f} MiB; full logits {full_before / 2**20:.0f} -> {full_after / 2**20:.0f} MiB; "
         f"the added tokens' logits: {added_logits / 2**20:.0f} MiB"
     )
-    assert full_before > chunked_after
+    # ru_maxrss is the process's high-water mark: the full path's growth is measured from at least its own
+    # smaller step's peak (equal when that step stays under the chunked path's peak), so it is a lower bound
+    assert full_before >= chunked_after
     assert full_after - full_before > added_logits
     assert chunked_after - chunked_before < added_logits / 4
