@@ -515,6 +515,16 @@ class _Producer:
     def _check_alive(self) -> None:
         self._check_process()
         if self.error is not None:
+            if self.process is not None:  # a killed engine often shows first as a dropped connection: name
+                try:  # the engine's exit as the cause when it is dying (the thread's error is chained)
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+                else:
+                    try:
+                        self._check_process()
+                    except ProducerError as exit_error:
+                        raise exit_error from self.error
             raise ProducerError(f"the async producer failed: {type(self.error).__name__}: {self.error}") from self.error
         if self.thread is not None and not self.thread.is_alive() and not self.stopping:
             raise ProducerError("the async producer thread stopped without an error")
