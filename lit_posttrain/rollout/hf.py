@@ -68,7 +68,7 @@ class HFRollout:
                 eos_token_id=eos_token_ids,
                 pad_token_id=pad_id,
                 use_cache=True,
-                synced_gpus=_synced_gpus(model),
+                synced_gpus=decodes_in_lockstep(model),
             )  # (N, P + C)
         finally:
             model.train(was_training)
@@ -88,7 +88,7 @@ def _cut_at_eos(row: list[int], eos_token_ids: list[int]) -> list[int]:
     return row
 
 
-def _synced_gpus(model) -> bool | None:
+def decodes_in_lockstep(model) -> bool | None:
     """True for a model sharded over several processes (FSDP2 / FSDP1): all ranks then decode in
     lockstep. None lets transformers decide (it detects DeepSpeed ZeRO-3 itself).
 

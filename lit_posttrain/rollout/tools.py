@@ -92,7 +92,7 @@ from transformers.utils import get_json_schema
 from transformers.utils.chat_template_utils import DocstringParsingException, TypeHintParsingException
 
 from lit_posttrain.rollout.base import RolloutOutput, eos_ids
-from lit_posttrain.rollout.hf import _synced_gpus
+from lit_posttrain.rollout.hf import decodes_in_lockstep
 
 CallFormat = Literal["hermes", "tiny"]
 CALL_FORMATS = ("hermes", "tiny")
@@ -317,7 +317,7 @@ class ToolRollout:
                     )
             active = [i for i in active if len(ids[i]) < max_completion_length]
             truncated = [len(ids[i]) >= max_completion_length for i in range(n)]
-        lockstep = bool(_synced_gpus(model))  # a sharded policy: the ranks agree on every turn
+        lockstep = bool(decodes_in_lockstep(model))  # a sharded policy: the ranks agree on every turn
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "do_sample": do_sample}
         for turn in range(self.max_turns):
             if lockstep and not _any_rank(bool(active), model):

@@ -137,10 +137,10 @@ class PerSampleRollout:
 
         # a sharded policy decodes in lockstep: every rank makes as many generate calls as the busiest
         # (agreed before any of them, so the collectives pair up in the same order on every rank)
-        from lit_posttrain.rollout.hf import _synced_gpus
+        from lit_posttrain.rollout.hf import decodes_in_lockstep
 
         num_calls = len(prompt_ids)
-        if _synced_gpus(model):
+        if decodes_in_lockstep(model):
             calls = torch.tensor([num_calls])
             torch.distributed.all_reduce(calls, op=torch.distributed.ReduceOp.MAX)
             num_calls = int(calls)
