@@ -27,7 +27,8 @@ replaced), ``training_s`` the rest of each ``training_step`` (rewards, log-probs
 optimizer step); the first ``--warmup`` steps are not measured (vLLM's start-up happens before
 the first step, its warm-up in it). ``--rollout vllm`` adds the `VLLMRollout` callback: its weight
 sync runs inside ``generate`` and is also reported alone (``sync_s_per_step``, ``sync_fraction``
-of the step), and the importance-sampling correction adds one no-grad forward to ``training_s``.
+of the step); the importance-sampling correction reads its pi_old from the update's own forward
+(one optimizer step per generation batch, the default), so it adds no forward.
 
 Where the time goes (`perf.py`): ``flops_per_token`` is the training FLOPs per token
 (``6 N + 12 L H Q T``, T = prompt + completion length); each measured step's model FLOPs count the
@@ -124,7 +125,7 @@ class StepFlops(L.Callback):
     Per sample i with p_i prompt and c_i completion tokens, in rows of T = longest prompt + longest
     completion: generation is a forward over p_i + c_i tokens with c_i rows of logits; the update a
     forward and backward over p_i + c_i tokens with c_i rows of logits (``logits_to_keep``); every
-    no-grad pass (the old log-probs that the vLLM importance-sampling correction needs, the
+    no-grad pass (the old log-probs when a generation batch makes several optimizer steps, the
     reference when ``beta > 0``) one more forward like the update's.
     """
 
@@ -249,7 +250,8 @@ def run(args, model_dir: Path) -> dict:
     )
     # the breakdown wraps the rollout engine the rollout callbacks (listed before it) swapped in
     breakdown = StepBreakdown(args.warmup, args.steps, rollout=True)
-    extra_forwards = int(args.rollout == "vllm" and module.vllm_importance_sampling_correction) + int(module.beta != 0)
+    on_policy = module.num_iterations == 1 and module.steps_per_generation == 1
+    extra_forwards = int(not on_policy) + int(module.beta != 0)
     step_flops = StepFlops(args.warmup, args.steps, extra_forwards)
     profile = [ProfileSteps(start=args.warmup + args.steps, steps=args.profile_steps)] if args.profile_steps else []
     trainer = L.Trainer(

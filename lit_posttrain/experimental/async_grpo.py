@@ -92,6 +92,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_posttrain.data import LookaheadLoader
 from lit_posttrain.experimental import warn_experimental
+from lit_posttrain.ops import pad
 from lit_posttrain.rewards import TrainerState, score_completions
 from lit_posttrain.rollout import RolloutOutput, eos_ids
 from lit_posttrain.rollout.base import free_port
@@ -226,20 +227,23 @@ class AsyncGRPOModule(GRPOModule):
         prompts, completions, _ = self._reward_inputs(batch, rollout)
         # 4. combine: the weighted sum over the functions, NaN where none applies
         rewards = self._combine(rewards_per_func)  # (N,)
-        # 5. old and reference log-probs (no grad); old = the current policy before its update
+        # 5. old and reference log-probs (no grad); old = the current policy before its update: with one
+        # optimizer step per batch, the update's own forward in step 8 (detached)
         on_policy = self.num_iterations == 1 and self.steps_per_generation == 1
-        correct_sampler = self.vllm_importance_sampling_correction and rollout.logps is not None
         C, old_per_token_logps, ref_per_token_logps = completion_mask.size(1), None, None
-        if not on_policy or correct_sampler:
+        if not on_policy:
             old_per_token_logps = self._old_per_token_logps(input_ids, attention_mask, C, micro_batch_size)
         if self.beta != 0.0:
             ref_per_token_logps = self._ref_per_token_logps(input_ids, attention_mask, C, micro_batch_size)
-        # 6. importance-sampling correction against the sampler (older weights, the engine's numerics)
-        importance_sampling_ratio, sampling_metrics = None, {}  # (N, C) or (N, 1) weights
-        if correct_sampler:
-            importance_sampling_ratio, sampling_metrics = self._importance_sampling_correction(
-                old_per_token_logps, rollout, completion_mask
-            )
+        # 6. importance-sampling correction against the sampler (older weights, the engine's numerics); with
+        # one step per batch each micro-batch weighs its samples with its own forward (GRPO's _compute_loss)
+        importance_sampling_ratio, sampler_per_token_logps = None, None  # (N, C) or (N, 1) weights; (N, C)
+        if self.vllm_importance_sampling_correction and rollout.logps is not None:
+            sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0).to(self.device)
+            if not on_policy:
+                importance_sampling_ratio, _ = self._importance_sampling_ratio(
+                    old_per_token_logps, sampler_per_token_logps, completion_mask
+                )
         # 7. advantages: group-relative
         advantages = group_advantages(rewards, self.num_generations, scale_rewards=self.scale_rewards)  # (N,)
         # 8. num_iterations passes of steps_per_generation optimizer steps over the samples
@@ -248,8 +252,13 @@ class AsyncGRPOModule(GRPOModule):
             "advantages": advantages, "old_per_token_logps": old_per_token_logps,
             "ref_per_token_logps": ref_per_token_logps,
             "importance_sampling_ratio": importance_sampling_ratio,
+            "sampler_per_token_logps": sampler_per_token_logps if on_policy else None,
         }  # fmt: skip
-        losses, weighted_metrics = self._policy_updates(samples, mini_batch_size, micro_batch_size)
+        losses, weighted_metrics, first_per_token_logps = self._policy_updates(samples, mini_batch_size, micro_batch_size)
+        sampling_metrics = {}  # the correction's weights over every sample, as the loss used them
+        if sampler_per_token_logps is not None:
+            pi_old = first_per_token_logps if on_policy else old_per_token_logps
+            sampling_metrics = self._importance_sampling_ratio(pi_old, sampler_per_token_logps, completion_mask)[1]
         # 9. metrics: GRPO's, and the producer's
         lengths = torch.tensor([len(ids) for ids in rollout.completion_ids])  # (N,)
         all_rewards_per_func, all_lengths, all_truncated, all_num_tokens = self._all_gather_samples(

@@ -88,6 +88,7 @@ from lit_posttrain.models import DType, LoRAConfig, decoder_layers, load_model, 
 from lit_posttrain.ops import finite_grad_norm, pad, selective_log_softmax
 from lit_posttrain.rewards import TrainerState, check_reward_funcs, reward_func_name, score_completions
 from lit_posttrain.rollout import HFRollout, RolloutOutput, eos_ids, sampling_rng
+from lit_posttrain.rollout.hf import sampling_processors
 from lit_posttrain.schedulers import WarmupDecayLR
 
 warn_experimental(__name__)
@@ -376,15 +377,18 @@ def geometric_mixture_generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_completion_length,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None,
+            # the mixture, then the sampling processors (`HFRollout`'s inverse-CDF sampler): greedy step
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
             min_p=None,
             repetition_penalty=1.0,
             eos_token_id=eos_token_ids,
             pad_token_id=pad_id,
-            logits_processor=LogitsProcessorList([processor]),
+            logits_processor=LogitsProcessorList(
+                [processor, *(sampling_processors(temperature, top_k, top_p) if do_sample else [])]
+            ),
             use_cache=True,
         )  # (N, P + C)
     finally:

@@ -5,6 +5,13 @@ collective, so all ranks must run the same number of decoding steps although the
 end at different lengths. `HFRollout` then passes ``synced_gpus=True`` to ``generate``: a rank
 whose completions have all ended keeps running (discarded) forwards until every rank is done.
 Every rank must also call ``generate`` the same number of times (equal prompts per rank).
+
+Sampling: ``generate``'s own sampler calls ``torch.multinomial``, which on CPU draws an exponential
+variate for every vocabulary entry of every row at every step (34 ms for 32 rows x 32,000 tokens
+here, a third of a 58M model's decoding). `HFRollout` samples the same distribution (temperature,
+then top-k, then top-p, as ``generate`` orders them) by inverse CDF instead, one uniform draw per
+row (3 ms): `sampling_processors` warps the scores with transformers' own warpers and
+`InverseCDFSampling` leaves only the drawn token finite, so ``generate`` runs its greedy step.
 """
 
 from __future__ import annotations
@@ -12,6 +19,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from lit_posttrain.ops import pad
 from lit_posttrain.rollout.base import RolloutOutput, eos_ids
@@ -57,12 +71,14 @@ class HFRollout:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max_completion_length,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=top_p if do_sample else None,
-                top_k=top_k if do_sample else None,
+                # sampling happens in the processors (module docstring): generate's own step is greedy
+                do_sample=False,
+                logits_processor=sampling_processors(temperature, top_k, top_p) if do_sample else None,
                 # neutral whatever the model's generation config says, as in the vLLM engines (which
                 # do not read it)
+                temperature=None,
+                top_p=None,
+                top_k=None,
                 min_p=None,
                 repetition_penalty=1.0,
                 eos_token_id=eos_token_ids,
@@ -78,6 +94,42 @@ class HFRollout:
         ]
         completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return RolloutOutput(completion_ids=completion_ids, completions=completions, truncated=truncated)
+
+
+class InverseCDFSampling(LogitsProcessor):
+    """Draws each row's next token from ``softmax(scores)`` and returns scores that are 0 at the drawn
+    token and -inf elsewhere, so a greedy step selects it.
+
+    Inverse-CDF sampling: one uniform ``u`` per row (from the global RNG, as ``torch.multinomial``
+    uses), the token is the first whose cumulative probability exceeds ``u`` times the total. The
+    probabilities and their cumulative sum are float64, so a token's chance is its probability to
+    ~1e-12 however large the vocabulary; tokens with probability 0 (masked by top-k / top-p) are never
+    drawn.
+    """
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores, dim=-1, dtype=torch.float64).cumsum_(-1)  # (N, V)
+        u = torch.rand(scores.size(0), 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+        # right=True: the first token whose cdf is > u, so a zero-probability token (cdf equal to its
+        # predecessor's) is skipped; the clamp only matters if rounding made u equal the total
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.size(-1) - 1)  # (N, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+def sampling_processors(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
+    """The processors that sample as ``generate(do_sample=True, temperature=, top_k=, top_p=)`` does,
+    for a ``generate(do_sample=False)`` call: transformers' warpers in ``generate``'s order (top-k 0
+    and top-p 1 are off), then `InverseCDFSampling`.
+    """
+    processors = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    processors.append(InverseCDFSampling())
+    return processors
 
 
 def _cut_at_eos(row: list[int], eos_token_ids: list[int]) -> list[int]:

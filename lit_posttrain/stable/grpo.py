@@ -45,8 +45,8 @@ generation batch) and the logged ``step`` counts generation batches. Lightning's
 ``accumulate_grad_batches`` and ``gradient_clip_val`` do not apply to manual optimization: use
 ``micro_batch_size`` and ``max_grad_norm`` (setting them raises a ValueError that says so).
 With ``num_iterations=1`` and ``steps_per_generation=1`` the old log-probs are the detached current
-ones (the ratio is exactly 1); otherwise they are computed once after generation, before the first
-update.
+ones (the ratio is exactly 1), also for the sampler correction below (no forward of their own);
+otherwise they are computed once after generation, before the first update.
 
 Rollout engine contract (`lit_posttrain.rollout`): ``self.rollout`` is `HFRollout` by default. An
 engine that replaces it (the vLLM callback) is called once at the start of every
@@ -836,20 +836,23 @@ class GRPOModule(L.LightningModule):
         ).to(self.device)  # (N, F) fmt: skip
         # 4. combine: the weighted sum over the functions, NaN where none applies
         rewards = self._combine(rewards_per_func)  # (N,)
-        # 5. old and reference log-probs (no grad); old = detached current (ratio exactly 1) when on policy
+        # 5. old and reference log-probs (no grad); on policy (one optimizer step per generation batch) old
+        # = the detached current ones (ratio exactly 1), from the update's own forward in step 8
         on_policy = self.num_iterations == 1 and self.steps_per_generation == 1
-        correct_sampler = self.vllm_importance_sampling_correction and rollout.logps is not None
         C, old_per_token_logps, ref_per_token_logps = completion_mask.size(1), None, None
-        if not on_policy or correct_sampler:
+        if not on_policy:
             old_per_token_logps = self._old_per_token_logps(input_ids, attention_mask, C, micro_batch_size)
         if self.beta != 0.0:
             ref_per_token_logps = self._ref_per_token_logps(input_ids, attention_mask, C, micro_batch_size)
-        # 6. importance-sampling correction: the engine sampled from its own numbers (vLLM)
-        importance_sampling_ratio, sampling_metrics = None, {}  # (N, C) or (N, 1) weights
-        if correct_sampler:
-            importance_sampling_ratio, sampling_metrics = self._importance_sampling_correction(
-                old_per_token_logps, rollout, completion_mask
-            )
+        # 6. importance-sampling correction: the engine sampled from its own numbers (vLLM); on policy each
+        # micro-batch weighs its samples with its own forward's log-probs as pi_old (_compute_loss)
+        importance_sampling_ratio, sampler_per_token_logps = None, None  # (N, C) or (N, 1) weights; (N, C)
+        if self.vllm_importance_sampling_correction and rollout.logps is not None:
+            sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0).to(self.device)
+            if not on_policy:
+                importance_sampling_ratio, _ = self._importance_sampling_ratio(
+                    old_per_token_logps, sampler_per_token_logps, completion_mask
+                )
         # 7. advantages: group-relative
         advantages = group_advantages(rewards, self.num_generations, scale_rewards=self.scale_rewards)  # (N,)
         # 8. num_iterations passes of steps_per_generation optimizer steps over the samples
@@ -858,8 +861,13 @@ class GRPOModule(L.LightningModule):
             "advantages": advantages, "old_per_token_logps": old_per_token_logps,
             "ref_per_token_logps": ref_per_token_logps,
             "importance_sampling_ratio": importance_sampling_ratio,
+            "sampler_per_token_logps": sampler_per_token_logps if on_policy else None,
         }  # fmt: skip
-        losses, weighted_metrics = self._policy_updates(samples, mini_batch_size, micro_batch_size)
+        losses, weighted_metrics, first_per_token_logps = self._policy_updates(samples, mini_batch_size, micro_batch_size)
+        sampling_metrics = {}  # the correction's weights over every sample, as the loss used them
+        if sampler_per_token_logps is not None:
+            pi_old = first_per_token_logps if on_policy else old_per_token_logps
+            sampling_metrics = self._importance_sampling_ratio(pi_old, sampler_per_token_logps, completion_mask)[1]
         # 9. metrics: the generation batch's over every rank's samples (ranks hold equally many whole groups)
         lengths = torch.tensor([len(ids) for ids in rollout.completion_ids])  # (N,)
         all_rewards_per_func, all_lengths, all_truncated, all_num_tokens = self._all_gather_samples(
@@ -1143,15 +1151,15 @@ class GRPOModule(L.LightningModule):
             )  # (n, C)
         return torch.cat(per_token_logps)
 
-    def _importance_sampling_correction(
-        self, old_per_token_logps: torch.Tensor, rollout: RolloutOutput, completion_mask: torch.Tensor
+    def _importance_sampling_ratio(
+        self, old_per_token_logps: torch.Tensor, sampler_per_token_logps: torch.Tensor, completion_mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Truncated pi_old / pi_sampler weights of the engine's samples, (N, C) or (N, 1), and their
-        ``sampling/*`` metrics over every rank's samples (min / max / mean as the name says)."""
-        sampler_per_token_logps = pad([torch.tensor(lp) for lp in rollout.logps], 0.0)  # (N, C)
+        """Truncated pi_old / pi_sampler weights of the engine's samples, (n, C) or (n, 1), and their
+        ``sampling/*`` metrics over every rank's samples (min / max / mean as the name says; a
+        collective: call it on every rank)."""
         importance_sampling_ratio, metrics = vllm_importance_sampling_ratio(
             old_per_token_logps,
-            sampler_per_token_logps.to(self.device),
+            sampler_per_token_logps,
             completion_mask,
             level=self.vllm_importance_sampling_level,
             mode=self.vllm_importance_sampling_mode,
@@ -1165,49 +1173,58 @@ class GRPOModule(L.LightningModule):
     def _policy_updates(self, samples: dict, mini_batch_size: int, micro_batch_size: int):
         """``num_iterations`` passes of ``steps_per_generation`` optimizer steps over the samples.
 
-        Returns each optimizer step's loss and each micro-batch's weighted metrics (`_weigh`). dapo
+        Returns each optimizer step's loss, each micro-batch's weighted metrics (`_weigh`) and the
+        first pass's detached log-probs (N, C), in sample order (on policy: pi_old). dapo
         divides each rank's token sum by the ranks' mean token count; the other loss types are means
         over equally many completions per rank: the mean of a step's loss over ranks is its global loss.
         """
         optimizer, lr_scheduler = self.optimizers(), self.lr_schedulers()
         num_samples = samples["advantages"].size(0)
         losses, weighted_metrics = [], []
-        for _ in range(self.num_iterations):
+        first_per_token_logps = torch.zeros(samples["completion_mask"].shape, dtype=torch.float32, device=self.device)
+        for iteration in range(self.num_iterations):
             if self.steps_per_generation > 1:  # shuffled mini-batches, drawn from the sampling RNG
                 order = torch.randperm(num_samples, generator=self.generator, device=self.generator.device)
             else:
                 order = torch.arange(num_samples)
             for mini_batch in order.split(mini_batch_size):
-                step_loss, step_metrics = self._accumulate_gradients(samples, mini_batch, micro_batch_size)
+                step_loss, step_metrics, per_token_logps = self._accumulate_gradients(
+                    samples, mini_batch, micro_batch_size
+                )
                 losses.append(step_loss)
                 weighted_metrics += step_metrics
+                if iteration == 0:
+                    first_per_token_logps[mini_batch.to(self.device)] = per_token_logps
                 self._optimizer_step(optimizer, lr_scheduler)
-        return losses, weighted_metrics
+        return losses, weighted_metrics, first_per_token_logps
 
     def _accumulate_gradients(self, samples: dict, mini_batch: torch.Tensor, micro_batch_size: int):
         """Forward and backward over one optimizer step's samples (indices ``mini_batch``) in micro-batches.
 
-        Returns the step's loss (a 0-d tensor) and each micro-batch's weighted metrics (`_weigh`).
+        Returns the step's loss (a 0-d tensor), each micro-batch's weighted metrics (`_weigh`) and
+        the samples' detached log-probs (n, C), in ``mini_batch`` order.
         """
         # dapo normalises by the optimizer step's completion tokens, averaged over ranks
         # because DDP averages the gradients: sum over all ranks / all tokens
         num_items_in_batch = self.trainer.strategy.reduce(
             samples["completion_mask"][mini_batch].sum().float(), reduce_op="mean"
         )
-        step_loss, weighted_metrics = 0.0, []
+        step_loss, weighted_metrics, per_token_logps = 0.0, [], []
         for micro_batch in mini_batch.split(micro_batch_size):
             micro_samples = {k: v[micro_batch] for k, v in samples.items() if v is not None}
-            loss, metrics = self._compute_loss(micro_samples, num_items_in_batch)
+            loss, metrics, micro_per_token_logps = self._compute_loss(micro_samples, num_items_in_batch)
+            per_token_logps.append(micro_per_token_logps)
             # dapo is normalised over the whole mini-batch already; the others are means
             # over their micro-batch: weight them into a mean over the mini-batch
             scale = 1.0 if self.loss_type == "dapo" else len(micro_batch) / len(mini_batch)
             self.manual_backward(loss * scale)
             step_loss += loss.detach() * scale
             weighted_metrics.append(self._weigh(metrics, micro_samples["completion_mask"]))
-        return step_loss, weighted_metrics
+        return step_loss, weighted_metrics, torch.cat(per_token_logps)
 
     def _compute_loss(self, samples: dict, num_items_in_batch: torch.Tensor):
-        """`grpo_loss` of one micro-batch under the current policy, and its metrics plus ``entropy``."""
+        """`grpo_loss` of one micro-batch under the current policy, its metrics plus ``entropy``, and
+        its detached log-probs (n, C)."""
         completion_mask = samples["completion_mask"]  # (n, C)
         per_token_logps, entropies = self(
             samples["input_ids"], samples["attention_mask"], completion_mask.size(1), compute_entropy=True
@@ -1215,6 +1232,13 @@ class GRPOModule(L.LightningModule):
         # the ratio is exactly 1 only when no optimizer step happened since generation
         on_policy = self.num_iterations == 1 and self.steps_per_generation == 1
         old_per_token_logps = per_token_logps.detach() if on_policy else samples["old_per_token_logps"]
+        importance_sampling_ratio = samples.get("importance_sampling_ratio")
+        if "sampler_per_token_logps" in samples:  # on policy: this forward's log-probs are pi_old
+            importance_sampling_ratio = vllm_importance_sampling_ratio(
+                old_per_token_logps, samples["sampler_per_token_logps"], completion_mask,
+                level=self.vllm_importance_sampling_level, mode=self.vllm_importance_sampling_mode,
+                cap=self.vllm_importance_sampling_cap,
+            )[0]  # fmt: skip
         entropy_mask = None
         if self.top_entropy_quantile < 1.0:
             entropy_mask = high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
@@ -1232,10 +1256,10 @@ class GRPOModule(L.LightningModule):
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch,
             entropy_mask=entropy_mask,
-            importance_sampling_ratio=samples.get("importance_sampling_ratio"),
+            importance_sampling_ratio=importance_sampling_ratio,
         )
         metrics["entropy"] = masked_mean(entropies, completion_mask)
-        return loss, metrics
+        return loss, metrics, per_token_logps.detach()
 
     def _weigh(self, metrics: dict[str, torch.Tensor], completion_mask: torch.Tensor) -> dict:
         """Each micro-batch metric as (2,) ``[value * count, count]``, count being what it is a mean over:
