@@ -103,8 +103,9 @@ class InverseCDFSampling(LogitsProcessor):
     Inverse-CDF sampling: one uniform ``u`` per row (from the global RNG, as ``torch.multinomial``
     uses), the token is the first whose cumulative probability exceeds ``u`` times the total. The
     probabilities and their cumulative sum are float64, so a token's chance is its probability to
-    ~1e-12 however large the vocabulary; tokens with probability 0 (masked by top-k / top-p) are never
-    drawn.
+    ~1e-12 however large the vocabulary; tokens with probability 0 (masked by top-k / top-p) are not
+    drawn, except the last vocabulary entry when float64 rounding makes ``u`` equal the total (a chance
+    of about 1e-16 a draw).
     """
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
