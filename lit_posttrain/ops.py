@@ -3,6 +3,8 @@ against its naive form in `tests/test_ops.py` (the chunked log-probs in `tests/t
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -47,6 +49,40 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
 LOGITS_CHUNK_NUMEL = 2**24
 
 
+def _logps_from_logits(logits: torch.Tensor, index: torch.Tensor, temperature: float, with_stats: bool):
+    """One chunk's work over the vocabulary: (C, V) logits -> (C,) float32 log-probs of ``index``, and
+    with ``with_stats`` the entropy, mean logit and argmax of ``logits / temperature`` (detached)."""
+    logits = logits.float()  # (C, V), float32 whatever dtype the head computes in
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log_softmax is one fused kernel that works row by row in cache, forward and backward; a
+    # logsumexp-and-subtract form makes several passes over the whole (C, V) chunk in memory, which
+    # costs more than the head's matmul once that runs in bfloat16 (docs/benchmarks.md, bf16 on CPU)
+    all_logps = torch.log_softmax(logits, dim=-1)  # (C, V)
+    logps = torch.gather(all_logps, -1, index.unsqueeze(-1)).squeeze(-1)  # (C,)
+    if not with_stats:
+        return logps
+    with torch.no_grad():  # saves nothing for backward: the recomputation stops before this
+        entropy = -torch.linalg.vecdot(all_logps.exp(), all_logps)  # (C,)
+        # max's indices: the first maximum, as argmax's, and a faster CPU kernel over float32 rows
+        return logps, entropy, logits.mean(-1), logits.max(-1).indices
+
+
+def compile_loss_enabled() -> bool:
+    """``LIT_POSTTRAIN_COMPILE_LOSS=1``: `chunked_selective_log_softmax` runs each chunk's work over the
+    vocabulary through ``torch.compile`` (opt-in; docs/benchmarks.md, "Compiled loss")."""
+    return os.environ.get("LIT_POSTTRAIN_COMPILE_LOSS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def compiled_logps_from_logits():
+    """`_logps_from_logits` through ``torch.compile`` (dynamic in the number of positions, compiled once
+    per process and per dtype / ``with_stats`` / temperature on first use). Inductor fuses the upcast,
+    log-softmax, gather and statistics into a pass or two over each row of the chunk's logits, forward and
+    backward, where eager PyTorch makes one pass over the whole chunk in memory per operation."""
+    return torch.compile(_logps_from_logits, dynamic=True)
+
+
 class TokenStats(NamedTuple):
     """Per-token statistics of the temperature-scaled logits (detached), computed with the log-probs."""
 
@@ -71,9 +107,11 @@ def chunked_selective_log_softmax(
     ``lm_head`` (so a tied head, a PEFT LoRA-wrapped head, a bitsandbytes layer and an FSDP2-unsharded
     weight all work as in the model's own forward), reduced to the gathered log-probs (in float32:
     the logits are upcast before the log-softmax), and freed. With gradients enabled each chunk runs under
-    ``torch.utils.checkpoint`` (non-reentrant): the backward pass recomputes that chunk's logits (one
-    more head matmul per position) instead of keeping them, so the peak memory is that of one chunk,
-    whatever the number of positions. Dropout inside the head replays the same mask (the RNG state is
+    ``torch.utils.checkpoint`` (non-reentrant), except the last: the backward pass recomputes that
+    chunk's logits (one more head matmul per position) instead of keeping them, so the peak memory is
+    that of one chunk, whatever the number of positions. (The last chunk keeps its log-softmax: where
+    the log-probs feed the loss right away, its backward runs first, and keeping it costs no more
+    memory than recomputing it.) Dropout inside the head replays the same mask (the RNG state is
     restored for the recomputation). Values and gradients equal the unchunked computation up to float
     rounding (tested to 1e-5 in float32).
 
@@ -97,24 +135,19 @@ def chunked_selective_log_softmax(
     flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (P, H)
     flat_index = index.reshape(-1)  # (P,)
 
+    logps_from_logits = compiled_logps_from_logits() if compile_loss_enabled() else _logps_from_logits
+
     def chunk_logps(hidden: torch.Tensor, chunk_index: torch.Tensor):
-        logits = lm_head(hidden).float()  # (C, V), float32 whatever dtype the head computes in
-        if temperature != 1.0:
-            logits = logits / temperature
-        # log_softmax is one fused kernel that works row by row in cache, forward and backward; a
-        # logsumexp-and-subtract form makes several passes over the whole (C, V) chunk in memory, which
-        # costs more than the head's matmul once that runs in bfloat16 (docs/benchmarks.md, bf16 on CPU)
-        all_logps = torch.log_softmax(logits, dim=-1)  # (C, V)
-        logps = torch.gather(all_logps, -1, chunk_index.unsqueeze(-1)).squeeze(-1)  # (C,)
-        if not with_stats:
-            return logps
-        with torch.no_grad():  # saves nothing for backward: the recomputation stops before this
-            entropy = -torch.linalg.vecdot(all_logps.exp(), all_logps)  # (C,)
-            return logps, entropy, logits.mean(-1), logits.argmax(-1)
+        return logps_from_logits(lm_head(hidden), chunk_index, temperature, with_stats)
 
     outputs = []
-    for hidden, chunk_index in zip(flat_hidden.split(chunk_size), flat_index.split(chunk_size)):
-        if torch.is_grad_enabled():
+    chunks = list(zip(flat_hidden.split(chunk_size), flat_index.split(chunk_size)))
+    for i, (hidden, chunk_index) in enumerate(chunks):
+        # the last chunk keeps its log-softmax for backward instead of recomputing it: where these
+        # log-probs go straight into the loss (every method here), its backward is the first to run, so
+        # it holds one chunk's log-softmax while the forward ends, no more than recomputing it would
+        # allocate then, and frees it before any other chunk is recomputed (one chunk: no recomputation)
+        if torch.is_grad_enabled() and i < len(chunks) - 1:
             outputs.append(checkpoint(chunk_logps, hidden, chunk_index, use_reentrant=False))
         else:
             outputs.append(chunk_logps(hidden, chunk_index))

@@ -74,8 +74,9 @@ def test_values_and_gradients_equal_unchunked(chunk_size, temperature):
 
 
 def test_backward_recomputes_each_chunk_instead_of_keeping_its_logits():
-    """With gradients on, the head runs once per chunk in the forward and once more per chunk in the
-    backward (the chunk's logits were not kept); without gradients, once per chunk."""
+    """With gradients on, the head runs once per chunk in the forward and once more in the backward
+    for every chunk but the last (their logits were not kept; the last chunk's backward runs first and
+    keeps its log-softmax); without gradients, once per chunk."""
     calls = []
     head = torch.nn.Linear(8, 30)
     head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
@@ -84,7 +85,7 @@ def test_backward_recomputes_each_chunk_instead_of_keeping_its_logits():
     logps, _ = chunked_selective_log_softmax(hidden, head, index, chunk_size=6)
     assert calls == [6, 6, 6, 2]  # 20 positions
     logps.sum().backward()
-    assert sorted(calls[4:]) == [2, 6, 6, 6]
+    assert sorted(calls[4:]) == [6, 6, 6]  # the chunks of 6; the last (2 positions) kept its log-softmax
     calls.clear()
     with torch.no_grad():
         chunked_selective_log_softmax(hidden, head, index, chunk_size=6)
@@ -120,6 +121,39 @@ def test_bfloat16_head_gives_float32_logps_of_its_logits():
     logps, _ = chunked_selective_log_softmax(hidden, head, index, chunk_size=4)
     assert logps.dtype == torch.float32
     torch.testing.assert_close(logps, _naive(head(hidden), index)[0], **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_loss_equals_eager(dtype, monkeypatch):
+    """``LIT_POSTTRAIN_COMPILE_LOSS=1`` runs each chunk's vocabulary work through torch.compile: the
+    log-probs, statistics and gradients equal the eager path's (several chunks, the last one short;
+    a temperature), and torch.compile did compile a frame (the path is not silently eager)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300).to(dtype)
+    hidden = torch.randn(2, 13, 16, dtype=dtype, requires_grad=True)
+    index = torch.randint(0, 300, (2, 13))
+
+    def run():
+        logps, stats = chunked_selective_log_softmax(
+            hidden, head, index, temperature=0.7, chunk_size=5, with_stats=True
+        )
+        (logps * torch.linspace(-1, 1, 26).view(2, 13)).sum().backward()
+        return [logps.detach(), *stats, *_grads(hidden, head)]
+
+    monkeypatch.delenv("LIT_POSTTRAIN_COMPILE_LOSS", raising=False)
+    eager = run()
+    monkeypatch.setenv("LIT_POSTTRAIN_COMPILE_LOSS", "1")
+    torch._dynamo.reset()  # compile afresh, whatever an earlier test compiled
+    frames_before = counters["frames"]["ok"]
+    compiled = run()
+    assert counters["frames"]["ok"] > frames_before
+    tol = TOL if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}  # bfloat16 gradients round
+    for got, want in zip(compiled[:4], eager[:4], strict=True):  # log-probs and statistics: float32 math
+        torch.testing.assert_close(got, want, **TOL)
+    for got, want in zip(compiled[4:], eager[4:], strict=True):
+        torch.testing.assert_close(got, want, **tol)
 
 
 def test_no_positions_and_a_bad_chunk_size():
