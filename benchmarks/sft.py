@@ -15,7 +15,9 @@ Where the time goes (`perf.py`): model FLOPs per token (``6 N + 12 L H Q T`` at 
 the achieved model GFLOP/s over the measured steps (each step's FLOPs from its real tokens and row
 length), the MFU against this machine's matmul peak probed at the start of each run (fp32 for
 ``--precision 32-true``, bf16 for ``bf16-mixed`` / ``bf16-true``), and the mean seconds per step
-spent in data, forward, backward, optimizer and other. ``--profile-steps N`` profiles N more steps
+spent in data, forward, backward, optimizer and other. The run logs its metrics every 10 steps to a
+CSV file in a temporary directory (a run's default path has a logger; SFT computes its accuracy and
+entropy only on the steps written, `SFTModule` departure 3). ``--profile-steps N`` profiles N more steps
 after the measured ones with ``torch.profiler`` and prints the top operators to stderr.
 """
 
@@ -29,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +52,7 @@ def run_once(packing: str, steps: int, batch_size: int, max_length: int, precisi
              profile_steps: int = 0, warmup: int = 2) -> dict:  # fmt: skip
     import lightning as L
     import torch
+    from lightning.pytorch.loggers import CSVLogger
     from perf import ProfileSteps, StepBreakdown, flops_per_token, model_flops, performance, probe_peaks
 
     from lit_posttrain import SFTDataModule, SFTModule
@@ -78,12 +82,13 @@ def run_once(packing: str, steps: int, batch_size: int, max_length: int, precisi
 
     timer, breakdown = Timer(), StepBreakdown(warmup, steps)
     callbacks = [breakdown, timer] + ([ProfileSteps(start=warmup + steps, steps=profile_steps)] if profile_steps else [])
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps + warmup + profile_steps, precision=precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=callbacks,
-    )  # fmt: skip
-    trainer.fit(module, dm)
+    with tempfile.TemporaryDirectory() as log_dir:  # metrics every 10 steps to a CSV file, as a run with a logger
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=steps + warmup + profile_steps, precision=precision,
+            logger=CSVLogger(log_dir), log_every_n_steps=10, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+        )  # fmt: skip
+        trainer.fit(module, dm)
     measured = slice(warmup, warmup + steps)
     times, tokens = timer.times[measured], timer.tokens[measured]
     return {

@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py sft                      # 3 interleaved repeats per library, a table
     python benchmarks/vs_trl.py dpo --repeats 5 --json dpo.json
     python benchmarks/vs_trl.py grpo --vllm              # + lit-posttrain GRPO with VLLMRollout
+    python benchmarks/vs_trl.py sft --plain              # + a plain PyTorch loop over the same model
     python benchmarks/vs_trl.py sft --steps 1 --warmup 1 --repeats 1 --max-length 128   # a smoke run
 
 TRL is not a dependency of lit-posttrain: ``pip install "lit-posttrain[bench]"`` (TRL >= 1.16).
@@ -28,9 +29,14 @@ Both libraries: AdamW (``torch.optim.AdamW``, betas 0.9/0.999, eps 1e-8, weight 
 same constant ``--lr`` (default: TRL's default for the method), gradient clipping at norm 1.0
 (TRL's default), no gradient checkpointing (TRL's configs default to it: it is turned off), the
 same ``--precision`` (``32-true``: TRL ``bf16=False``; ``bf16-mixed``: TRL ``bf16=True``, i.e.
-autocast; ``bf16-true``: the model loaded in bf16 in both), no logging backend, no checkpoints.
-Everything else is each library's default for the method (TRL's metrics, lit-posttrain's
-`TrainingDiagnostics`).
+autocast; ``bf16-true``: the model loaded in bf16 in both), metrics logged every 10 optimizer steps
+(TRL's ``logging_steps`` default; TRL with ``report_to="none"``, lit-posttrain to a ``CSVLogger``: a
+run's default path has a logger, and some metrics are computed only on the steps it writes), no
+checkpoints. Everything else is each library's default for the method (TRL's metrics,
+lit-posttrain's `TrainingDiagnostics`).
+``--plain`` (sft) adds a third run: a plain PyTorch loop over the same model (`plain_run`: random
+tokens, no packing, full logits, no Lightning and no metrics), the floor a library should not fall
+below; its ratio is printed as ``lit-posttrain/plain-pytorch``.
 
 Measured: every run is a fresh subprocess (its peak RSS is its own); the libraries alternate within
 each repeat and start in the other order in the next one. Each run does ``--warmup`` + ``--steps``
@@ -166,6 +172,7 @@ def lit_posttrain_run(args) -> tuple[list[float], list[float]]:
     """Train with lit-posttrain; returns (units of work per step, wall-clock end of each step)."""
     import lightning as L
     import torch
+    from lightning.pytorch.loggers import CSVLogger
 
     from lit_posttrain import DPODataModule, DPOModule, GRPODataModule, GRPOModule, SFTDataModule, SFTModule
     from lit_posttrain.callbacks import ReferenceModel, VLLMRollout
@@ -220,7 +227,10 @@ def lit_posttrain_run(args) -> tuple[list[float], list[float]]:
         precision=args.precision,
         max_steps=args.warmup + args.steps,
         gradient_clip_val=None if args.workload == "grpo" else 1.0,  # GRPO clips itself (max_grad_norm)
-        logger=False,
+        # metrics logged every 10 optimizer steps, TRL's logging_steps default, to a CSV file (TRL keeps its
+        # log history in memory with report_to="none"): the default path of a run, which has a logger
+        logger=CSVLogger(args.output_dir),
+        log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -314,13 +324,44 @@ def trl_run(args) -> tuple[list[float], list[float]]:
     return [samples] * len(steps.ends), steps.ends
 
 
+def plain_run(args) -> tuple[list[float], list[float]]:
+    """SFT as a plain PyTorch loop (``--plain``): the same model, ``--batch-size`` x ``--max-length`` random
+    tokens per step (no padding, no packing: one causal sequence per row), full logits and transformers'
+    cross-entropy, the same AdamW and clipping at 1.0; no Lightning, no metrics, no logging. Returns
+    (tokens per step, wall-clock end of each step)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(args.device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    generator = torch.Generator().manual_seed(args.seed)
+    units, ends = [], []
+    for _ in range(args.warmup + args.steps):
+        input_ids = torch.randint(2, args.vocab_size, (args.batch_size, args.max_length), generator=generator)
+        input_ids = input_ids.to(args.device)
+        with autocast:
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the step's end: as a logged loss would, wait for the device
+        units.append(input_ids.numel())
+        ends.append(time.perf_counter())
+    return units, ends
+
+
 def worker(args) -> dict:
     """One run: train, then the rate over the measured steps and the process's peak RSS."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = trl_run if args.worker == "trl" else lit_posttrain_run
+    run = {"trl": trl_run, "plain-pytorch": plain_run}.get(args.worker, lit_posttrain_run)
     units, ends = run(args)
     if len(ends) != args.warmup + args.steps:
         raise RuntimeError(f"{args.worker}: expected {args.warmup + args.steps} steps, timed {len(ends)}")
@@ -359,6 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr", type=float, default=None, help="AdamW learning rate (default: TRL's for the method)"
     )
     parser.add_argument("--vllm", action="store_true", help="grpo: also run lit-posttrain with VLLMRollout")
+    parser.add_argument("--plain", action="store_true", help="sft: also run a plain PyTorch loop (full logits)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the report as JSON to PATH ('-' or no value: stdout, instead of the table)")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -392,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lr = DEFAULT_LR[args.workload]
     if args.vllm and args.workload != "grpo":
         parser.error(f"--vllm applies to grpo only, got workload {args.workload!r}")
+    if args.plain and args.workload != "sft":
+        parser.error(f"--plain applies to sft only, got workload {args.workload!r}")
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error(
             f"--warmup, --steps and --repeats must be >= 1, got {args.warmup}, {args.steps}, {args.repeats}"
@@ -429,12 +473,13 @@ def summarize(args, runs: dict[str, list[dict]], peaks: dict[str, float], flops_
             "mfu": rate * flops_per_unit / 1e9 / peak,
         }
     ratios = {}
-    for library in libraries:
-        if library != "trl":
-            ratios[f"{library}/trl"] = {
-                "rate": libraries[library]["median_rate"] / libraries["trl"]["median_rate"],
-                "peak_rss": libraries[library]["median_peak_rss_mb"] / libraries["trl"]["median_peak_rss_mb"],
-            }
+    for library, baseline in [(lib, "trl") for lib in libraries if lib not in ("trl", "plain-pytorch")] + (
+        [("lit-posttrain", "plain-pytorch")] if "plain-pytorch" in libraries else []
+    ):
+        ratios[f"{library}/{baseline}"] = {
+            "rate": libraries[library]["median_rate"] / libraries[baseline]["median_rate"],
+            "peak_rss": libraries[library]["median_peak_rss_mb"] / libraries[baseline]["median_peak_rss_mb"],
+        }
     return {"libraries": libraries, "ratios": ratios}
 
 
@@ -487,6 +532,7 @@ def main() -> None:
     load_before = os.getloadavg()
     peaks = probe_peaks()
     libraries = ["lit-posttrain", "trl"] + (["lit-posttrain+vllm"] if args.vllm else [])
+    libraries += ["plain-pytorch"] if args.plain else []
     runs: dict[str, list[dict]] = {library: [] for library in libraries}
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
     with tempfile.TemporaryDirectory() as tmp:

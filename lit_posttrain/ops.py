@@ -48,6 +48,13 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
 # positions in most runs; +0.06 GB at most with chunks of 112).
 LOGITS_CHUNK_NUMEL = 2**24
 
+# logits `chunked_selective_log_softmax` keeps for backward instead of recomputing them (default): the trailing
+# chunks whose positions x vocabulary fit in 2**25 values, 128 MiB of float32 log-softmax (1,024 positions of a
+# 32,768-token vocabulary, 220 of a 151,936 one). Recomputing a chunk costs one more head matmul and log-softmax
+# over it, 10-20 % of an SFT step on a small model with a 32k vocabulary (docs/benchmarks.md); keeping a bounded
+# amount saves that for short steps while the peak memory stays bounded whatever the number of positions.
+LOGITS_KEEP_NUMEL = 2**25
+
 
 def _logps_from_logits(logits: torch.Tensor, index: torch.Tensor, temperature: float, with_stats: bool):
     """One chunk's work over the vocabulary: (C, V) logits -> (C,) float32 log-probs of ``index``, and
@@ -98,6 +105,7 @@ def chunked_selective_log_softmax(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    keep_numel: int | None = None,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, TokenStats | None]:
     """``selective_log_softmax(lm_head(hidden_states) / temperature, index)`` without ever holding the
@@ -107,12 +115,13 @@ def chunked_selective_log_softmax(
     ``lm_head`` (so a tied head, a PEFT LoRA-wrapped head, a bitsandbytes layer and an FSDP2-unsharded
     weight all work as in the model's own forward), reduced to the gathered log-probs (in float32:
     the logits are upcast before the log-softmax), and freed. With gradients enabled each chunk runs under
-    ``torch.utils.checkpoint`` (non-reentrant), except the last: the backward pass recomputes that
-    chunk's logits (one more head matmul per position) instead of keeping them, so the peak memory is
-    that of one chunk, whatever the number of positions. (The last chunk keeps its log-softmax: where
-    the log-probs feed the loss right away, its backward runs first, and keeping it costs no more
-    memory than recomputing it.) Dropout inside the head replays the same mask (the RNG state is
-    restored for the recomputation). Values and gradients equal the unchunked computation up to float
+    ``torch.utils.checkpoint`` (non-reentrant), except the trailing ones within ``keep_numel``: the
+    backward pass recomputes that chunk's logits (one more head matmul per position) instead of keeping
+    them, so the peak memory is bounded (``keep_numel`` values of log-softmax plus one chunk) whatever the
+    number of positions. The trailing chunks whose positions x vocabulary fit in ``keep_numel``, and always
+    the last chunk, keep their log-softmax instead: where the log-probs feed the loss right away their
+    backward runs first (the last chunk first), so they are freed before any other chunk is recomputed.
+    Dropout inside the head replays the same mask (the RNG state is restored for the recomputation). Values and gradients equal the unchunked computation up to float
     rounding (tested to 1e-5 in float32). With ``LIT_POSTTRAIN_COMPILE_LOSS=1`` in the environment each
     chunk's work over the vocabulary runs through ``torch.compile`` (`compile_loss_enabled`).
 
@@ -123,6 +132,8 @@ def chunked_selective_log_softmax(
         index: (...) the token ids whose log-probs are gathered.
         temperature: the logits are divided by it before the log-softmax (and the statistics).
         chunk_size: positions per chunk; None: ``ceil(LOGITS_CHUNK_NUMEL / V)`` (64 MiB of float32 logits).
+        keep_numel: positions x vocabulary of the trailing chunks kept for backward instead of recomputed;
+            None: ``LOGITS_KEEP_NUMEL`` (128 MiB of float32 log-softmax); 0: only the last chunk.
         with_stats: also return `TokenStats` (entropy, mean logit, argmax per position, detached),
             computed from each chunk's logits while they exist; the backward's recomputation stops
             before them.
@@ -141,14 +152,18 @@ def chunked_selective_log_softmax(
     def chunk_logps(hidden: torch.Tensor, chunk_index: torch.Tensor):
         return logps_from_logits(lm_head(hidden), chunk_index, temperature, with_stats)
 
+    if keep_numel is None:
+        keep_numel = LOGITS_KEEP_NUMEL
+    keep_positions = keep_numel // lm_head.out_features if keep_numel > 0 else 0
+    num_positions = flat_index.numel()
     outputs = []
-    chunks = list(zip(flat_hidden.split(chunk_size), flat_index.split(chunk_size)))
-    for i, (hidden, chunk_index) in enumerate(chunks):
-        # the last chunk keeps its log-softmax for backward instead of recomputing it: where these
-        # log-probs go straight into the loss (every method here), its backward is the first to run, so
-        # it holds one chunk's log-softmax while the forward ends, no more than recomputing it would
-        # allocate then, and frees it before any other chunk is recomputed (one chunk: no recomputation)
-        if torch.is_grad_enabled() and i < len(chunks) - 1:
+    for start in range(0, max(num_positions, 1), chunk_size):
+        hidden, chunk_index = flat_hidden[start : start + chunk_size], flat_index[start : start + chunk_size]
+        # the trailing chunks within keep_numel, and the last one, keep their log-softmax for backward instead
+        # of recomputing it: where these log-probs go straight into the loss (every method here), their
+        # backward runs first, last chunk first, and frees them before any other chunk is recomputed
+        kept = start + chunk_size >= num_positions or num_positions - start <= keep_positions
+        if torch.is_grad_enabled() and not kept:
             outputs.append(checkpoint(chunk_logps, hidden, chunk_index, use_reentrant=False))
         else:
             outputs.append(chunk_logps(hidden, chunk_index))

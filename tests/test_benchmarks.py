@@ -178,6 +178,7 @@ def test_vs_trl_rejects_bad_options(capsys):
     """--vllm outside grpo, a zero warm-up and an unknown precision stop with a message naming the option."""
     for argv, message in [
         (["sft", "--vllm"], "--vllm applies to grpo only"),
+        (["dpo", "--plain"], "--plain applies to sft only"),
         (["dpo", "--warmup", "0"], "--warmup"),
         (["grpo", "--precision", "16-mixed"], "--precision"),
     ]:
@@ -225,6 +226,34 @@ def test_vs_trl_data_tokenizes_to_the_intended_lengths(tmp_path):
     )  # enough for 2 steps of packs
 
 
+def test_vs_trl_ratios_against_trl_and_the_plain_loop():
+    """The summary's ratios: every lit-posttrain run against TRL, and lit-posttrain against the plain
+    PyTorch loop (``--plain``), from the median rates and peak RSS by hand."""
+    args = vs_trl.parse_args(["sft", "--plain"])
+    runs = {
+        "lit-posttrain": [{"rate": r, "peak_rss_mb": 1000, "median_step_s": 1.0} for r in (900, 1000, 950)],
+        "trl": [{"rate": r, "peak_rss_mb": 4000, "median_step_s": 1.0} for r in (400, 380, 500)],
+        "plain-pytorch": [{"rate": r, "peak_rss_mb": 800, "median_step_s": 1.0} for r in (1200, 1100, 1250)],
+    }
+    report = vs_trl.summarize(args, runs, {"fp32": 100.0, "bf16": 400.0}, flops_per_unit=1e8)
+    assert report["ratios"] == {
+        "lit-posttrain/trl": {"rate": 950 / 400, "peak_rss": 0.25},
+        "lit-posttrain/plain-pytorch": {"rate": 950 / 1200, "peak_rss": 1.25},
+    }
+    assert report["libraries"]["plain-pytorch"]["mfu"] == pytest.approx(1200 * 1e8 / 1e9 / 100.0)
+
+
+def test_vs_trl_plain_loop_times_each_step(tmp_path):
+    """The plain loop's run (one tiny model, 1 + 2 steps): each step's tokens are the batch's whole rows
+    (no padding), one timed end per step, increasing."""
+    model_dir = vs_trl.make_model_dir(tmp_path / "m", vocab_size=300, hidden_size=64, num_layers=1, seed=0)
+    args = vs_trl.parse_args(["sft", "--plain", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+                              "--max-length", "16", "--vocab-size", "300", "--model-dir", str(model_dir)])  # fmt: skip
+    units, ends = vs_trl.plain_run(args)
+    assert units == [32, 32, 32]
+    assert ends == sorted(ends) and len(set(ends)) == 3
+
+
 def test_even_token_reward_by_hand():
     """t2 t3 t4 t5: two of four ids are even -> 0.5; no token -> 0."""
     assert vs_trl.even_token_reward(["t2 t3 t4 t5", "t7", ""]) == [0.5, 0.0, 0.0]
@@ -248,7 +277,7 @@ def test_vs_trl_lit_posttrain_run_times_every_step(workload, tmp_path):
     args.model_dir = str(vs_trl.make_model_dir(tmp_path / "model", 300, 64, 1, seed=0))
     args.data = str(tmp_path / "data.jsonl")
     Path(args.data).write_text("".join(json.dumps(row) + "\n" for row in vs_trl.make_rows(args)))
-    args.worker = "lit-posttrain"
+    args.worker, args.output_dir = "lit-posttrain", str(tmp_path / "out")
     units, ends = vs_trl.lit_posttrain_run(args)
     assert len(units) == len(ends) == 3 and ends == sorted(ends)
     if workload == "sft":  # packed rows of at most 32 tokens, nearly full

@@ -46,9 +46,11 @@ def _grads(*tensors_or_modules) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 21, None])  # 21 positions: 4 does not divide it, 7 does
-def test_values_and_gradients_equal_unchunked(chunk_size, temperature):
+@pytest.mark.parametrize("keep_numel", [0, 9 * 50])  # recompute all chunks but the last / keep the last 9 positions'
+def test_values_and_gradients_equal_unchunked(chunk_size, keep_numel, temperature):
     """Log-probs, statistics and the gradients w.r.t. the hidden states and the head's weight and bias
-    equal those of log_softmax(head(h) / T).gather(...) to 1e-5 (float32), whatever the chunking."""
+    equal those of log_softmax(head(h) / T).gather(...) to 1e-5 (float32), whatever the chunking and
+    whichever chunks are recomputed in the backward."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50)
     hidden = (torch.randn(3, 7, 16) * 2).requires_grad_()
@@ -56,7 +58,7 @@ def test_values_and_gradients_equal_unchunked(chunk_size, temperature):
     weights = torch.randn(3, 7)  # a downstream loss that weighs each token differently
 
     logps, stats = chunked_selective_log_softmax(
-        hidden, head, index, temperature=temperature, chunk_size=chunk_size, with_stats=True
+        hidden, head, index, temperature=temperature, chunk_size=chunk_size, keep_numel=keep_numel, with_stats=True
     )
     (logps * weights).sum().backward()
     chunked_grads = _grads(hidden, head)
@@ -75,20 +77,24 @@ def test_values_and_gradients_equal_unchunked(chunk_size, temperature):
 
 def test_backward_recomputes_each_chunk_instead_of_keeping_its_logits():
     """With gradients on, the head runs once per chunk in the forward and once more in the backward
-    for every chunk but the last (their logits were not kept; the last chunk's backward runs first and
-    keeps its log-softmax); without gradients, once per chunk."""
+    for every chunk but the trailing ones within ``keep_numel`` (their logits were not kept; the kept
+    chunks' backward runs first, from their log-softmax; the last chunk is always kept); without
+    gradients, once per chunk."""
     calls = []
     head = torch.nn.Linear(8, 30)
     head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     hidden = torch.randn(2, 10, 8, requires_grad=True)
     index = torch.randint(0, 30, (2, 10))
-    logps, _ = chunked_selective_log_softmax(hidden, head, index, chunk_size=6)
-    assert calls == [6, 6, 6, 2]  # 20 positions
-    logps.sum().backward()
-    assert sorted(calls[4:]) == [6, 6, 6]  # the chunks of 6; the last (2 positions) kept its log-softmax
+    # 20 positions in chunks of 6 start at 0, 6, 12, 18; keep_numel of 8 positions x 30 keeps those from 12 on
+    for keep_numel, recomputed in [(0, [6, 6, 6]), (8 * 30, [6, 6]), (7 * 30, [6, 6, 6]), (20 * 30, [])]:
+        calls.clear()
+        logps, _ = chunked_selective_log_softmax(hidden, head, index, chunk_size=6, keep_numel=keep_numel)
+        assert calls == [6, 6, 6, 2]
+        logps.sum().backward()
+        assert sorted(calls[4:]) == recomputed, keep_numel
     calls.clear()
     with torch.no_grad():
-        chunked_selective_log_softmax(hidden, head, index, chunk_size=6)
+        chunked_selective_log_softmax(hidden, head, index, chunk_size=6, keep_numel=0)
     assert calls == [6, 6, 6, 2]
 
 
@@ -99,7 +105,7 @@ def test_dropout_in_the_head_replays_in_the_recomputation():
     hidden = torch.randn(2, 9, 8, requires_grad=True)
     index = torch.randint(0, 30, (2, 9))
     torch.manual_seed(1)
-    logps, _ = chunked_selective_log_softmax(hidden, head, index, chunk_size=4)
+    logps, _ = chunked_selective_log_softmax(hidden, head, index, chunk_size=4, keep_numel=0)
     logps.sum().backward()
     chunked_grads = _grads(hidden, head)
     torch.manual_seed(1)
@@ -137,7 +143,7 @@ def test_compiled_loss_equals_eager(dtype, monkeypatch):
 
     def run():
         logps, stats = chunked_selective_log_softmax(
-            hidden, head, index, temperature=0.7, chunk_size=5, with_stats=True
+            hidden, head, index, temperature=0.7, chunk_size=5, keep_numel=0, with_stats=True
         )
         (logps * torch.linspace(-1, 1, 26).view(2, 13)).sum().backward()
         return [logps.detach(), *stats, *_grads(hidden, head)]
@@ -202,7 +208,7 @@ def test_model_log_probs_and_gradients_equal_full_logits(variant, tiny_model_dir
 
     hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]
     logps, _ = chunked_selective_log_softmax(
-        hidden, model.get_output_embeddings(), input_ids[:, 1:], temperature=0.9, chunk_size=5
+        hidden, model.get_output_embeddings(), input_ids[:, 1:], temperature=0.9, chunk_size=5, keep_numel=0
     )
     logps.sum().backward()
     chunked_grads = _grads(model)
@@ -388,7 +394,8 @@ def test_peak_memory_does_not_grow_with_vocab_times_tokens(tiny_model_dir):
     the same fresh process, grows by more than those logits (the measurement sees torch's CPU
     allocations). The chunked path's growth does not scale with the tokens: it is allocator noise of up
     to about one chunk (64 MiB of logits), measured 0-65 MiB when doubling the tokens; quadrupling keeps
-    the bound clear of that noise."""
+    the bound clear of that noise. The log-softmax kept for backward (`ops.LOGITS_KEEP_NUMEL`, 128 MiB:
+    the trailing chunks within 220 positions at this vocabulary) is bounded the same in both steps."""
     result = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, tiny_model_dir, str(VOCAB), str(ROWS), str(COMPLETION)],
         capture_output=True, text=True, timeout=300, check=False,

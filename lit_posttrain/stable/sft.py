@@ -19,6 +19,13 @@ Departures from common practice, numbered:
    one (the usual "padding-free" layout): without a varlen attention kernel (flash-attention) a
    single long row costs attention quadratic in the whole batch's length; BFD rows are nearly
    full, so the padding left is small.
+3. ``train/mean_token_accuracy`` and ``train/entropy`` are computed only on the optimizer steps whose
+   metrics reach a reader: those Lightning logs (every ``trainer.log_every_n_steps``), the run's last
+   step (``max_steps``), and every step when there is no logger (callbacks then read ``trainer.callback_metrics``
+   after each batch). They cost extra passes over every chunk's logits (entropy, argmax), a
+   quarter of a step on a small model with a 32k vocabulary (docs/benchmarks.md). Each logged value
+   is that optimizer step's (TRL computes them every step and logs the mean since its last log).
+   Validation always computes them.
 
 Supports: plain text (``text``), conversations (``messages``), prompt-completion (plain or
 conversational); completion-only and assistant-only loss; packing (``bfd``, ``wrapped``); LoRA;
@@ -494,7 +501,7 @@ class SFTModule(L.LightningModule):
         """(B, T, V) logits (for inference: training computes log-probs in chunks)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
 
-    def _shared_step(self, batch):
+    def _shared_step(self, batch, with_stats: bool = True):
         hidden_states = final_hidden_states(
             self.model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
         )[:, :-1]  # (B, T-1, H)
@@ -502,18 +509,32 @@ class SFTModule(L.LightningModule):
         loss_mask = labels != -100
         # logits only at the N target positions, a chunk at a time: the (B, T-1, V) logits never exist
         target_logps, stats = chunked_selective_log_softmax(
-            hidden_states[loss_mask], self.model.get_output_embeddings(), labels[loss_mask], with_stats=True
-        )  # (N,), TokenStats of (N,)
+            hidden_states[loss_mask], self.model.get_output_embeddings(), labels[loss_mask], with_stats=with_stats
+        )  # (N,), TokenStats of (N,) or None
         per_token_logps = target_logps.new_zeros(labels.shape)  # (B, T-1), 0 where no loss is taken
         per_token_logps = per_token_logps.masked_scatter(loss_mask, target_logps)
+        num_targets = loss_mask.sum()
+        if stats is None:
+            return per_token_logps, loss_mask, num_targets, None, None
         with torch.no_grad():
-            num_targets = loss_mask.sum()
             correct = (stats.argmax == labels[loss_mask]).sum()
             entropy = stats.entropy.sum()
         return per_token_logps, loss_mask, num_targets, correct, entropy
 
+    def _metrics_read_this_step(self) -> bool:
+        """Whether this optimizer step's training metrics reach a reader (departure 3): Lightning logs
+        the step (every ``log_every_n_steps``, or ``fast_dev_run``), it is the run's last step
+        (``max_steps``), or there is no logger (callbacks read ``trainer.callback_metrics`` after every
+        batch). The same answer on every rank: nothing rank-local decides it."""
+        trainer = self.trainer
+        step = trainer.global_step + 1  # the optimizer step this micro-batch belongs to, counted from 1
+        logged = trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0
+        last = 0 < trainer.max_steps <= step
+        return not trainer.loggers or logged or last or bool(trainer.fast_dev_run)
+
     def training_step(self, batch, batch_idx):
-        per_token_logps, loss_mask, num_targets, correct, entropy = self._shared_step(batch)
+        with_stats = self._metrics_read_this_step()  # the same for every micro-batch of an optimizer step
+        per_token_logps, loss_mask, num_targets, correct, entropy = self._shared_step(batch, with_stats)
         # the sum of the per-token losses (normalised by 1); divided below by the step's target tokens
         loss_sum = sft_loss(per_token_logps, loss_mask, loss_type=self.loss_type, num_items_in_batch=1)
         num_items_in_batch = batch.get("num_items_in_batch")
@@ -526,9 +547,10 @@ class SFTModule(L.LightningModule):
             "num_items_in_batch": num_items_in_batch if num_items_in_batch is not None else num_targets,
             "loss": loss_sum.detach(),
             "num_targets": num_targets,
-            "correct": correct,
-            "entropy": entropy,
             "num_tokens": local_tokens,
+            # (zeros on the steps without statistics: the collective's shape never varies between ranks)
+            "correct": correct if with_stats else num_targets.new_zeros(()),
+            "entropy": entropy if with_stats else num_targets.new_zeros(()),
         }
         reduced = self.trainer.strategy.reduce(torch.stack([s.float() for s in stats.values()]), reduce_op="sum")
         sums = dict(zip(stats, reduced))  # name -> its sum over all ranks
@@ -553,8 +575,9 @@ class SFTModule(L.LightningModule):
         n = step["num_targets"].clamp(min=1)
         self.num_tokens += sums["num_tokens"].long()
         self.log("train/loss", step["loss"] / n, prog_bar=True)
-        self.log("train/mean_token_accuracy", step["correct"] / n)
-        self.log("train/entropy", step["entropy"] / n)
+        if with_stats:
+            self.log("train/mean_token_accuracy", step["correct"] / n)
+            self.log("train/entropy", step["entropy"] / n)
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
 
