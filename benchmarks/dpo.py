@@ -22,7 +22,10 @@ measured steps' time, ``mfu`` that over the matmul peak probed at the start of t
 ``--precision 32-true``, bf16 for ``bf16-mixed`` / ``bf16-true``), and ``breakdown_*`` the mean
 seconds (and share) per step in data, forward (policy and reference), backward, optimizer and other.
 ``--profile-steps N`` profiles N more steps after the measured ones and prints the top operators
-to stderr.
+to stderr. The run logs its metrics every ``--log-every-n-steps`` (10) steps to a CSV file in a temporary
+directory (a run's default path has a logger; DPO computes its logits / entropy statistics only on
+the steps written and the last, `DPOModule` departure 6: ``--log-every-n-steps 1`` measures them on
+every step).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def run(args) -> dict:
     """One run in this process (the worker)."""
     import lightning as L
     import torch
+    from lightning.pytorch.loggers import CSVLogger
     from perf import ProfileSteps, StepBreakdown, flops_per_token, model_flops, performance, probe_peaks
 
     from lit_posttrain import DPODataModule, DPOModule
@@ -137,12 +141,14 @@ def run(args) -> dict:
     # the timer first: its on_fit_start runs before the precompute pass
     reference = ReferenceModel(precompute_ref_logps=args.mode == "precompute")
     profile = [ProfileSteps(start=args.warmup + args.steps, steps=args.profile_steps)] if args.profile_steps else []
+    log_dir = tempfile.TemporaryDirectory()  # metrics to a CSV file, as a run with a logger
     trainer = L.Trainer(
         max_steps=args.steps + args.warmup + args.profile_steps,
         accelerator=args.accelerator,
         devices=1,
         precision=args.precision,
-        logger=False,
+        logger=CSVLogger(log_dir.name),
+        log_every_n_steps=args.log_every_n_steps,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -191,6 +197,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every-n-steps", type=int, default=10, help="Lightning's metric logging interval")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # worker: the model directory
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -15,9 +15,10 @@ Where the time goes (`perf.py`): model FLOPs per token (``6 N + 12 L H Q T`` at 
 the achieved model GFLOP/s over the measured steps (each step's FLOPs from its real tokens and row
 length), the MFU against this machine's matmul peak probed at the start of each run (fp32 for
 ``--precision 32-true``, bf16 for ``bf16-mixed`` / ``bf16-true``), and the mean seconds per step
-spent in data, forward, backward, optimizer and other. The run logs its metrics every 10 steps to a
-CSV file in a temporary directory (a run's default path has a logger; SFT computes its accuracy and
-entropy only on the steps written, `SFTModule` departure 3). ``--profile-steps N`` profiles N more steps
+spent in data, forward, backward, optimizer and other. The run logs its metrics every
+``--log-every-n-steps`` (10) steps to a CSV file in a temporary directory (a run's default path has a
+logger; SFT computes its accuracy and entropy only on the steps written and the last, `SFTModule`
+departure 3: ``--log-every-n-steps 1`` measures them on every step). ``--profile-steps N`` profiles N more steps
 after the measured ones with ``torch.profiler`` and prints the top operators to stderr.
 """
 
@@ -49,7 +50,7 @@ MODEL_CONFIG = {
 
 
 def run_once(packing: str, steps: int, batch_size: int, max_length: int, precision: str = "32-true",
-             profile_steps: int = 0, warmup: int = 2) -> dict:  # fmt: skip
+             profile_steps: int = 0, warmup: int = 2, log_every_n_steps: int = 10) -> dict:  # fmt: skip
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
@@ -85,7 +86,7 @@ def run_once(packing: str, steps: int, batch_size: int, max_length: int, precisi
     with tempfile.TemporaryDirectory() as log_dir:  # metrics every 10 steps to a CSV file, as a run with a logger
         trainer = L.Trainer(
             accelerator="cpu", max_steps=steps + warmup + profile_steps, precision=precision,
-            logger=CSVLogger(log_dir), log_every_n_steps=10, enable_checkpointing=False, enable_progress_bar=False,
+            logger=CSVLogger(log_dir), log_every_n_steps=log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
         )  # fmt: skip
         trainer.fit(module, dm)
@@ -113,11 +114,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
+    parser.add_argument("--log-every-n-steps", type=int, default=10, help="Lightning's metric logging interval")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         print(json.dumps(run_once(args._child, args.steps, args.batch_size, args.max_length, args.precision,
-                                  args.profile_steps)))  # fmt: skip
+                                  args.profile_steps, log_every_n_steps=args.log_every_n_steps)))  # fmt: skip
         return
     results = {}
     for packing in args.packing:
@@ -125,7 +127,8 @@ def main() -> None:
         for _ in range(args.repeats):
             cmd = [sys.executable, __file__, "--_child", packing, "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                   "--precision", args.precision, "--profile-steps", str(args.profile_steps)]
+                   "--precision", args.precision, "--profile-steps", str(args.profile_steps),
+                   "--log-every-n-steps", str(args.log_every_n_steps)]
             # the profiler's table goes to stderr: shown when asked for, else captured
             out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.profile_steps else subprocess.PIPE,
                                  text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -29,6 +29,12 @@ Departures from the paper / from TRL, numbered:
    not invariant to how a step is split into micro-batches.
 5. The reference comes from the `ReferenceModel` callback (a frozen copy, the base model under LoRA,
    TR-DPO sync, or precomputed log-probs); ``reference_free=True`` uses ``log pi_ref = 0``.
+6. ``train/logits/chosen``, ``train/logits/rejected`` and ``train/entropy`` are computed only on the
+   optimizer steps whose metrics reach a reader: those Lightning logs (every
+   ``trainer.log_every_n_steps``), the run's last step (``max_steps``), and every step when there is no
+   logger. They cost extra passes over every chunk's logits (mean, entropy). Each logged value is
+   that optimizer step's (TRL computes its metrics every step and logs the mean since its last log).
+   Validation always computes them.
 
 Supports: plain or conversational ``prompt``/``chosen``/``rejected`` rows (chat template applied),
 conversational ``chosen``/``rejected`` without ``prompt`` (the shared leading messages are the
@@ -668,13 +674,16 @@ class DPOModule(L.LightningModule):
         ).logits
 
     def training_step(self, batch, batch_idx):
-        loss, metrics = self._shared_step(batch, update_running_stats=True)
+        with_stats = self._metrics_read_this_step()  # the same for every micro-batch of an optimizer step
+        loss, metrics = self._shared_step(batch, update_running_stats=True, with_stats=with_stats)
         num_pairs = batch["input_ids"].new_tensor(batch["input_ids"].shape[0] // 2)
         weights = _metric_weights(batch)
         num_items_in_batch = batch.get("num_items_in_batch")
-        # one collective: the optimizer step's pairs, tokens, weighted metric sums and their weights, all ranks
-        metric_stats = {f"{name} sum": metrics[name] * weights[name] for name in _METRICS}
-        metric_stats.update({f"{name} weight": weights[name] for name in _METRICS})
+        # one collective: the optimizer step's pairs, tokens, weighted metric sums and their weights, all
+        # ranks (a metric not computed this step counts 0 with weight 0: the collective's shape never varies)
+        zero = num_pairs.new_zeros(())
+        metric_stats = {f"{name} sum": metrics[name] * weights[name] if name in metrics else zero for name in _METRICS}
+        metric_stats.update({f"{name} weight": weights[name] if name in metrics else zero for name in _METRICS})
         stats = {
             "num_items_in_batch": num_items_in_batch if num_items_in_batch is not None else num_pairs,
             "num_tokens": batch["attention_mask"].sum(),
@@ -697,11 +706,22 @@ class DPOModule(L.LightningModule):
             self._step_sums[name] += sums[name]
         step = self._step_sums
         self.num_tokens += sums["num_tokens"].long()
-        for name in _METRICS:
+        for name in _METRICS if with_stats else [n for n in _METRICS if n not in _STATS_METRICS]:
             value = step[f"{name} sum"] / step[f"{name} weight"].clamp(min=1)
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"))
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
+
+    def _metrics_read_this_step(self) -> bool:
+        """Whether this optimizer step's training metrics reach a reader (departure 6): Lightning logs
+        the step (every ``log_every_n_steps``, or ``fast_dev_run``), it is the run's last step
+        (``max_steps``), or there is no logger (callbacks read ``trainer.callback_metrics`` after every
+        batch). The same answer on every rank: nothing rank-local decides it."""
+        trainer = self.trainer
+        step = trainer.global_step + 1  # the optimizer step this micro-batch belongs to, counted from 1
+        logged = trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0
+        last = 0 < trainer.max_steps <= step
+        return not trainer.loggers or logged or last or bool(trainer.fast_dev_run)
 
     def validation_step(self, batch, batch_idx):
         _, metrics = self._shared_step(batch, update_running_stats=False)
@@ -710,8 +730,9 @@ class DPOModule(L.LightningModule):
             self.val_metrics[name].update(metrics[name], weight=weights[name])
             self.log(f"val/{name}", self.val_metrics[name], prog_bar=name in ("loss", "rewards/accuracies"))
 
-    def _shared_step(self, batch, update_running_stats: bool):
-        logps, stats, mask = self.concatenated_forward(batch)  # (2B,), TokenStats of (2B, K-1), (2B, K-1)
+    def _shared_step(self, batch, update_running_stats: bool, with_stats: bool = True):
+        # (2B,), TokenStats of (2B, K-1) or None, (2B, K-1)
+        logps, stats, mask = self.concatenated_forward(batch, with_stats=with_stats)
         chosen_logps, rejected_logps = logps.chunk(2)  # (B,) each
         chosen_num_tokens, rejected_num_tokens = mask.sum(1).chunk(2)
 
@@ -752,8 +773,6 @@ class DPOModule(L.LightningModule):
         loss = losses.mean()
 
         with torch.no_grad():
-            mean_logits = stats.mean_logit  # (2B, K-1) mean over the vocabulary
-            chosen_mask, rejected_mask = mask.chunk(2)
             metrics = {
                 "loss": loss.detach(),
                 "rewards/chosen": chosen_rewards.mean(),
@@ -762,15 +781,19 @@ class DPOModule(L.LightningModule):
                 "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                 "logps/chosen": chosen_logps.detach().mean(),
                 "logps/rejected": rejected_logps.detach().mean(),
-                "logits/chosen": masked_sum(mean_logits.chunk(2)[0], chosen_mask)
-                / chosen_mask.sum().clamp(min=1),
-                "logits/rejected": masked_sum(mean_logits.chunk(2)[1], rejected_mask)
-                / rejected_mask.sum().clamp(min=1),
-                "entropy": masked_sum(stats.entropy, mask) / mask.sum().clamp(min=1),
             }
+            if stats is not None:  # _STATS_METRICS
+                chosen_mean_logits, rejected_mean_logits = stats.mean_logit.chunk(2)  # (B, K-1) each
+                chosen_mask, rejected_mask = mask.chunk(2)
+                metrics.update({
+                    "logits/chosen": masked_sum(chosen_mean_logits, chosen_mask) / chosen_mask.sum().clamp(min=1),
+                    "logits/rejected": masked_sum(rejected_mean_logits, rejected_mask)
+                    / rejected_mask.sum().clamp(min=1),
+                    "entropy": masked_sum(stats.entropy, mask) / mask.sum().clamp(min=1),
+                })  # fmt: skip
         return loss, metrics
 
-    def concatenated_forward(self, batch, reference: bool = False):
+    def concatenated_forward(self, batch, reference: bool = False, with_stats: bool = True):
         """One forward of the 2B chosen + rejected rows (policy, or the reference model).
 
         Only the positions from the one before the first completion token on are scored
@@ -781,8 +804,8 @@ class DPOModule(L.LightningModule):
         Returns:
             logps (2B,): sums of completion-token log-probs (chosen rows, then rejected rows);
             stats: `TokenStats` (entropy, mean logit) of the (2B, K-1) positions that predict tokens
-            T-K+1 .. T-1 (None for the reference); mask (2B, K-1): which of those tokens are
-            completion tokens.
+            T-K+1 .. T-1 (None for the reference or without ``with_stats``); mask (2B, K-1): which of
+            those tokens are completion tokens.
         """
         input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]  # (2B, T)
         logits_to_keep = _logits_to_keep(completion_mask)  # K
@@ -798,8 +821,8 @@ class DPOModule(L.LightningModule):
         hidden_states = final_hidden_states(self.model, input_ids, batch["attention_mask"])
         hidden_states = hidden_states[:, start - 1 : -1]  # (2B, K-1, H): position t predicts token t + 1
         per_token_logps, stats = chunked_selective_log_softmax(
-            hidden_states, self.model.get_output_embeddings(), labels, with_stats=True
-        )  # (2B, K-1), TokenStats of (2B, K-1)
+            hidden_states, self.model.get_output_embeddings(), labels, with_stats=with_stats
+        )  # (2B, K-1), TokenStats of (2B, K-1) or None
         return masked_sum(per_token_logps, mask, dim=1), stats, mask
 
     @torch.no_grad()
@@ -840,6 +863,7 @@ _METRICS = (
     "logits/rejected",
     "entropy",
 )
+_STATS_METRICS = ("logits/chosen", "logits/rejected", "entropy")  # from the chunks' statistics (departure 6)
 
 
 def _metric_weights(batch) -> dict[str, torch.Tensor]:

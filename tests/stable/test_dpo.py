@@ -522,6 +522,48 @@ def test_learning_signal_reward_accuracy(tiny_model_dir):
     assert trainer.callback_metrics["train/num_tokens"] == 10 * 32 * (9 + 10)
 
 
+def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, monkeypatch):
+    """Departure 6: logits/* and entropy are computed on the optimizer steps Lightning logs (every 2nd here)
+    and the run's last step, not on the others; the rows written hold the same values as a run that
+    computes them every step, and the other metrics are logged every row either way."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    computed = []  # with_stats of each training forward of the policy
+    chunked = dpo.chunked_selective_log_softmax
+
+    def spy(*args, with_stats=False, **kwargs):
+        if torch.is_grad_enabled():
+            computed.append(with_stats)
+        return chunked(*args, with_stats=with_stats, **kwargs)
+
+    monkeypatch.setattr(dpo, "chunked_selective_log_softmax", spy)
+
+    def run(log_every_n_steps):
+        computed.clear()
+        L.seed_everything(0)
+        module = DPOModule(tiny_model_dir, random_init=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+        dm = DPODataModule(tiny_model_dir, train_data=str(DATA / "train.jsonl"), batch_size=4, max_length=32)
+        logger = CSVLogger(tmp_path, name=f"every{log_every_n_steps}")
+        trainer = L.Trainer(accelerator="cpu", max_steps=5, log_every_n_steps=log_every_n_steps, logger=logger,
+                            limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(module, dm)
+        with open(f"{logger.log_dir}/metrics.csv") as f:
+            written = {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/loss")}
+        return list(computed), written
+
+    sparse, sparse_rows = run(2)
+    assert sparse == [False, True, False, True, True]  # steps 1..5: 2 and 4 are logged, 5 is the last
+    dense, dense_rows = run(1)
+    assert dense == [True] * 5
+    assert sorted(sparse_rows) == [1, 3]
+    for step, row in sparse_rows.items():
+        for name in ("loss", "rewards/margins", "logits/chosen", "logits/rejected", "entropy"):
+            assert float(row[f"train/{name}"]) == pytest.approx(float(dense_rows[step][f"train/{name}"]), rel=1e-5)
+
+
 def test_conversational_rpo_and_reference_free_run(tiny_model_dir):
     """Conversational data with an implicit prompt trains with a loss list (RPO: sigmoid + sft); reference_free
     adds no ReferenceModel and its rewards are beta * logps."""
