@@ -39,3 +39,22 @@ def tiny_model(tiny_model_dir):
     from lit_posttrain.models import load_model
 
     return load_model(tiny_model_dir, random_init=True, init_seed=0)
+
+
+@pytest.fixture
+def with_stats_calls(monkeypatch):
+    """Records ``with_stats`` of every gradient-enabled `chunked_selective_log_softmax` call a method file
+    makes: ``calls = with_stats_calls(sft_module_file)`` (the real function still runs)."""
+
+    def record(method_file) -> list[bool]:
+        calls, chunked = [], method_file.chunked_selective_log_softmax
+
+        def spy(*args, with_stats=False, **kwargs):
+            if torch.is_grad_enabled():
+                calls.append(with_stats)
+            return chunked(*args, with_stats=with_stats, **kwargs)
+
+        monkeypatch.setattr(method_file, "chunked_selective_log_softmax", spy)
+        return calls
+
+    return record

@@ -522,23 +522,14 @@ def test_learning_signal_reward_accuracy(tiny_model_dir):
     assert trainer.callback_metrics["train/num_tokens"] == 10 * 32 * (9 + 10)
 
 
-def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, monkeypatch):
+def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, with_stats_calls):
     """Departure 6: logits/* and entropy are computed on the optimizer steps Lightning logs (every 2nd here)
     and the run's last step, not on the others; the rows written hold the same values as a run that
     computes them every step, and the other metrics are logged every row either way."""
-    import csv
-
+    from helpers.metrics import metrics_csv_rows
     from lightning.pytorch.loggers import CSVLogger
 
-    computed = []  # with_stats of each training forward of the policy
-    chunked = dpo.chunked_selective_log_softmax
-
-    def spy(*args, with_stats=False, **kwargs):
-        if torch.is_grad_enabled():
-            computed.append(with_stats)
-        return chunked(*args, with_stats=with_stats, **kwargs)
-
-    monkeypatch.setattr(dpo, "chunked_selective_log_softmax", spy)
+    computed = with_stats_calls(dpo)  # with_stats of each training forward of the policy
 
     def run(log_every_n_steps):
         computed.clear()
@@ -550,9 +541,7 @@ def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, monkeyp
                             limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)  # fmt: skip
         trainer.fit(module, dm)
-        with open(f"{logger.log_dir}/metrics.csv") as f:
-            written = {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/loss")}
-        return list(computed), written
+        return list(computed), metrics_csv_rows(logger.log_dir)
 
     sparse, sparse_rows = run(2)
     assert sparse == [False, True, False, True, True]  # steps 1..5: 2 and 4 are logged, 5 is the last

@@ -245,23 +245,14 @@ def test_accumulation_invariance(tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------ metrics cadence
-def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, monkeypatch):
+def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, with_stats_calls):
     """Departure 3: accuracy and entropy are computed on the optimizer steps Lightning logs (every 3rd here,
     both micro-batches of each) and on the run's last step, not on the others; the rows written hold the
     same values as a run that computes them every step, and the loss is logged every row either way."""
-    import csv
-
+    from helpers.metrics import metrics_csv_rows
     from lightning.pytorch.loggers import CSVLogger
 
-    computed = []  # (optimizer step, with_stats) per micro-batch of training
-    chunked = sft.chunked_selective_log_softmax
-
-    def spy(*args, with_stats=False, **kwargs):
-        if torch.is_grad_enabled():
-            computed.append(with_stats)
-        return chunked(*args, with_stats=with_stats, **kwargs)
-
-    monkeypatch.setattr(sft, "chunked_selective_log_softmax", spy)
+    computed = with_stats_calls(sft)  # with_stats of each training micro-batch
     rows = [{"text": f"{i}+{i}={2 * i}"} for i in range(40)]
 
     def run(log_every_n_steps):
@@ -273,9 +264,7 @@ def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, monkeyp
         trainer = _trainer(max_steps=7, accumulate_grad_batches=2, log_every_n_steps=log_every_n_steps, logger=logger,
                            limit_val_batches=0)  # fmt: skip
         trainer.fit(module, dm)
-        with open(f"{logger.log_dir}/metrics.csv") as f:
-            written = {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/loss")}
-        return list(computed), written
+        return list(computed), metrics_csv_rows(logger.log_dir)
 
     sparse, sparse_rows = run(3)
     # optimizer steps 1..7 (two micro-batches each): steps 3 and 6 are logged, step 7 is the last
