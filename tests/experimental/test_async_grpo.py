@@ -90,8 +90,10 @@ def _fit(module, tiny_model_dir, steps, callbacks, tmp_path, val=True):
 
 @pytest.mark.parametrize("max_staleness", [1, 2])
 def test_reward_rises_on_held_out_prompts(max_staleness, server_url, tiny_model_dir, tmp_path):
-    """With samples up to 1 or 2 versions old, the held-out reward rises; every batch is exactly that stale
-    (a fast producer, buffer_size = max_staleness + 1), none is dropped."""
+    """With samples up to 1 or 2 versions old, the held-out reward rises; batches reach exactly that
+    staleness (a fast producer, buffer_size = max_staleness + 1) and never exceed it, none is dropped.
+    (Not every batch: when the producer falls behind for a while, e.g. the 2-core machine busy with the
+    trainer's steps, later batches are fresher; CI saw [0, 1, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1] once.)"""
     L.seed_everything(0)
     record = Record()
     module = _module(tiny_model_dir, max_staleness=max_staleness, buffer_size=max_staleness + 1, server_url=server_url)
@@ -100,7 +102,7 @@ def test_reward_rises_on_held_out_prompts(max_staleness, server_url, tiny_model_
     staleness = [step["async/staleness/max"] for step in record.steps]
     print(f"\nasync GRPO max_staleness={max_staleness}: val/reward {before:.3f} -> {after:.3f}; staleness {staleness}")
     assert after > before + 0.3, (before, after)
-    assert max(staleness) <= max_staleness and staleness[-1] == max_staleness
+    assert max(staleness) == max_staleness
     assert record.steps[-1]["async/dropped_stale"] == 0
     assert [step["async/policy_version"] for step in record.steps] == list(range(12))
 
