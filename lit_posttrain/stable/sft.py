@@ -23,7 +23,7 @@ Departures from common practice, numbered:
    metrics reach a reader: those Lightning logs (every ``trainer.log_every_n_steps``), the run's last
    step (``max_steps``), and every step when there is no logger (callbacks then read ``trainer.callback_metrics``
    after each batch). They cost extra passes over every chunk's logits (entropy, argmax), a
-   quarter of a step on a small model with a 32k vocabulary (docs/benchmarks.md). Each logged value
+   sixth to a quarter of a step on a small model with a 32k vocabulary (docs/benchmarks.md). Each logged value
    is that optimizer step's (TRL computes them every step and logs the mean since its last log).
    Validation always computes them.
 
