@@ -49,11 +49,12 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
 LOGITS_CHUNK_NUMEL = 2**24
 
 # logits `chunked_selective_log_softmax` keeps for backward instead of recomputing them (default): the trailing
-# chunks whose positions x vocabulary fit in 2**25 values, 128 MiB of float32 log-softmax (1,024 positions of a
-# 32,768-token vocabulary, 220 of a 151,936 one). Recomputing a chunk costs one more head matmul and log-softmax
-# over it, 10-20 % of an SFT step on a small model with a 32k vocabulary (docs/benchmarks.md); keeping a bounded
-# amount saves that for short steps while the peak memory stays bounded whatever the number of positions.
-LOGITS_KEEP_NUMEL = 2**25
+# chunks whose positions x vocabulary fit in 2**27 values, 512 MiB of float32 log-softmax (4,096 positions of a
+# 32,768-token vocabulary, 883 of a 151,936 one): what the full logits of an 8 x 512 step at vocabulary 32,000 cost.
+# Recomputing a chunk costs one more head matmul and log-softmax over it (1.2x SFT tokens/s on vs_trl.py's 8 x 512
+# workload when no chunk is recomputed, docs/benchmarks.md); keeping a bounded amount saves that for steps up to
+# the budget while the peak memory stays bounded whatever the number of positions.
+LOGITS_KEEP_NUMEL = 2**27
 
 
 def _logps_from_logits(logits: torch.Tensor, index: torch.Tensor, temperature: float, with_stats: bool):
@@ -133,7 +134,7 @@ def chunked_selective_log_softmax(
         temperature: the logits are divided by it before the log-softmax (and the statistics).
         chunk_size: positions per chunk; None: ``ceil(LOGITS_CHUNK_NUMEL / V)`` (64 MiB of float32 logits).
         keep_numel: positions x vocabulary of the trailing chunks kept for backward instead of recomputed;
-            None: ``LOGITS_KEEP_NUMEL`` (128 MiB of float32 log-softmax); 0: only the last chunk.
+            None: ``LOGITS_KEEP_NUMEL`` (512 MiB of float32 log-softmax); 0: only the last chunk.
         with_stats: also return `TokenStats` (entropy, mean logit, argmax per position, detached),
             computed from each chunk's logits while they exist; the backward's recomputation stops
             before them.
