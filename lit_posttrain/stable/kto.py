@@ -34,6 +34,11 @@ Departures from the paper / from TRL, numbered:
    desirable reward minus the mean undesirable reward of the step (the rows are unpaired).
 4. The reference comes from the `ReferenceModel` callback (a frozen copy, the base model under LoRA,
    TR-DPO sync, or precomputed log-probs of the rows and of their mismatched rows).
+5. ``train/entropy`` is computed only on the optimizer steps whose metrics reach a reader: those
+   Lightning logs (every ``trainer.log_every_n_steps``), the run's last step (``max_steps``), and every
+   step when there is no logger. It costs extra passes over every chunk's logits. Each logged value is
+   that optimizer step's (TRL computes its metrics every step and logs the mean since its last log).
+   Validation always computes it.
 
 Supports: plain or conversational ``prompt``/``completion``/``label`` rows (chat template applied;
 ``label`` true = desirable); preference pairs ``prompt``/``chosen``/``rejected`` or conversational
@@ -607,13 +612,16 @@ class KTOModule(L.LightningModule):
             # backward; without KTODataModule's step_kl_rows, of each micro-batch (as TRL)
             self._step_kl = self.estimate_kl(batch.get("step_kl_rows", [batch]))
             self._step_kl_at = self.trainer.global_step
-        loss, metrics = self._shared_step(batch, kl=self._step_kl)
+        with_stats = self._metrics_read_this_step()  # the same for every micro-batch of an optimizer step
+        loss, metrics = self._shared_step(batch, kl=self._step_kl, with_stats=with_stats)
         num_rows = batch["input_ids"].new_tensor(batch["input_ids"].shape[0])
         weights = _metric_weights(batch)
         num_items_in_batch = batch.get("num_items_in_batch")
-        # one collective: the optimizer step's rows, tokens, weighted metric sums and their weights, all ranks
-        metric_stats = {f"{name} sum": metrics[name] * weights[name] for name in _METRICS}
-        metric_stats.update({f"{name} weight": weights[name] for name in _METRICS})
+        # one collective: the optimizer step's rows, tokens, weighted metric sums and their weights, all
+        # ranks (a metric not computed this step counts 0 with weight 0: the collective's shape never varies)
+        zero = num_rows.new_zeros(())
+        metric_stats = {f"{name} sum": metrics[name] * weights[name] if name in metrics else zero for name in _METRICS}
+        metric_stats.update({f"{name} weight": weights[name] if name in metrics else zero for name in _METRICS})
         stats = {
             "num_items_in_batch": num_items_in_batch if num_items_in_batch is not None else num_rows,
             "num_tokens": batch["attention_mask"].sum(),
@@ -636,12 +644,24 @@ class KTOModule(L.LightningModule):
             self._step_sums[name] += sums[name]
         step = self._step_sums
         self.num_tokens += sums["num_tokens"].long()
-        values = {name: step[f"{name} sum"] / step[f"{name} weight"].clamp(min=1) for name in _METRICS}
+        names = _METRICS if with_stats else [n for n in _METRICS if n not in _STATS_METRICS]
+        values = {name: step[f"{name} sum"] / step[f"{name} weight"].clamp(min=1) for name in names}
         values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
         for name, value in values.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "rewards/margins"))
         self.log("train/num_tokens", self.num_tokens.float())
         return loss
+
+    def _metrics_read_this_step(self) -> bool:
+        """Whether this optimizer step's training metrics reach a reader (departure 5): Lightning logs
+        the step (every ``log_every_n_steps``, or ``fast_dev_run``), it is the run's last step
+        (``max_steps``), or there is no logger (callbacks read ``trainer.callback_metrics`` after every
+        batch). The same answer on every rank: nothing rank-local decides it."""
+        trainer = self.trainer
+        step = trainer.global_step + 1  # the optimizer step this micro-batch belongs to, counted from 1
+        logged = trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0
+        last = 0 < trainer.max_steps <= step
+        return not trainer.loggers or logged or last or bool(trainer.fast_dev_run)
 
     def validation_step(self, batch, batch_idx):
         _, metrics = self._shared_step(batch, kl=self.estimate_kl([batch]))
@@ -654,10 +674,10 @@ class KTOModule(L.LightningModule):
         margins = self.val_metrics["rewards/chosen"].compute() - self.val_metrics["rewards/rejected"].compute()
         self.log("val/rewards/margins", margins, prog_bar=True)
 
-    def _shared_step(self, batch, kl: torch.Tensor):
+    def _shared_step(self, batch, kl: torch.Tensor, with_stats: bool = True):
         logps, stats, mask = self.completion_logps(
-            batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_stats=True
-        )  # (B,), TokenStats of (B, K-1), (B, K-1)
+            batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_stats=with_stats
+        )  # (B,), TokenStats of (B, K-1) or None, (B, K-1)
         labels = batch["label"]  # (B,) True: desirable
 
         if "ref_logps" in batch:  # precomputed by the ReferenceModel callback
@@ -689,8 +709,9 @@ class KTOModule(L.LightningModule):
                 "rewards/rejected": rewards[~labels].sum() / num_rejected,
                 "logps/chosen": logps.detach()[labels].sum() / num_chosen,
                 "logps/rejected": logps.detach()[~labels].sum() / num_rejected,
-                "entropy": masked_sum(stats.entropy, mask) / mask.sum().clamp(min=1),
             }
+            if with_stats:
+                metrics["entropy"] = masked_sum(stats.entropy, mask) / mask.sum().clamp(min=1)
         return loss, metrics
 
     @torch.no_grad()
@@ -793,6 +814,7 @@ _METRICS = (
     "logps/rejected",
     "entropy",
 )
+_STATS_METRICS = ("entropy",)  # from the chunks' statistics (departure 5)
 
 
 def _metric_weights(batch) -> dict[str, torch.Tensor]:
