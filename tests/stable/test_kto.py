@@ -306,30 +306,20 @@ def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, with_st
     """Departure 5: the entropy is computed on the optimizer steps Lightning logs (every 2nd here) and the run's
     last step, not on the others; the rows written hold the same values as a run that computes it every step,
     and the other metrics are logged every row either way."""
-    from helpers.metrics import metrics_csv_rows
+    from helpers.metrics import assert_rows_match, sparse_and_dense_runs
 
     from lit_posttrain.stable import kto
 
     computed = with_stats_calls(kto)  # with_stats of each training forward of the policy
     rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i), "label": i % 2 == 0} for i in range(10, 30)]
 
-    def run(log_every_n_steps):
-        computed.clear()
-        L.seed_everything(0)
+    def make():
         module = KTOModule(tiny_model_dir, random_init=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-        dm = KTODataModule(tiny_model_dir, train_data=rows, batch_size=4, max_length=32)
-        logger = CSVLogger(tmp_path, name=f"every{log_every_n_steps}")
-        trainer = L.Trainer(accelerator="cpu", max_steps=5, log_every_n_steps=log_every_n_steps, logger=logger,
-                            limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False)  # fmt: skip
-        trainer.fit(module, dm)
-        return list(computed), metrics_csv_rows(logger.log_dir)
+        return module, KTODataModule(tiny_model_dir, train_data=rows, batch_size=4, max_length=32)
 
-    sparse, sparse_rows = run(2)
+    (sparse, sparse_rows), (dense, dense_rows) = sparse_and_dense_runs(computed, make, tmp_path, 2, max_steps=5)
     assert sparse == [False, True, False, True, True]  # steps 1..5: 2 and 4 are logged, 5 is the last
-    dense, dense_rows = run(1)
     assert dense == [True] * 5
     assert sorted(sparse_rows) == [1, 3]
-    for step, row in sparse_rows.items():
-        for name in ("loss", "kl", "rewards/margins", "logps/chosen", "entropy"):
-            assert float(row[f"train/{name}"]) == pytest.approx(float(dense_rows[step][f"train/{name}"]), rel=1e-5)
+    names = ("loss", "kl", "rewards/margins", "logps/chosen", "entropy")
+    assert_rows_match(sparse_rows, dense_rows, [f"train/{name}" for name in names])

@@ -249,32 +249,23 @@ def test_token_statistics_only_on_logged_steps(tiny_model_dir, tmp_path, with_st
     """Departure 3: accuracy and entropy are computed on the optimizer steps Lightning logs (every 3rd here,
     both micro-batches of each) and on the run's last step, not on the others; the rows written hold the
     same values as a run that computes them every step, and the loss is logged every row either way."""
-    from helpers.metrics import metrics_csv_rows
-    from lightning.pytorch.loggers import CSVLogger
+    from helpers.metrics import assert_rows_match, sparse_and_dense_runs
 
     computed = with_stats_calls(sft)  # with_stats of each training micro-batch
     rows = [{"text": f"{i}+{i}={2 * i}"} for i in range(40)]
 
-    def run(log_every_n_steps):
-        computed.clear()
-        L.seed_everything(0)
+    def make():
         module = SFTModule(tiny_model_dir, random_init=True, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
-        dm = SFTDataModule(tiny_model_dir, train_data=rows, batch_size=2, max_length=32)
-        logger = CSVLogger(tmp_path, name=f"every{log_every_n_steps}")
-        trainer = _trainer(max_steps=7, accumulate_grad_batches=2, log_every_n_steps=log_every_n_steps, logger=logger,
-                           limit_val_batches=0)  # fmt: skip
-        trainer.fit(module, dm)
-        return list(computed), metrics_csv_rows(logger.log_dir)
+        return module, SFTDataModule(tiny_model_dir, train_data=rows, batch_size=2, max_length=32)
 
-    sparse, sparse_rows = run(3)
+    (sparse, sparse_rows), (dense, dense_rows) = sparse_and_dense_runs(
+        computed, make, tmp_path, 3, max_steps=7, accumulate_grad_batches=2
+    )
     # optimizer steps 1..7 (two micro-batches each): steps 3 and 6 are logged, step 7 is the last
     assert sparse == [step in (3, 6, 7) for step in range(1, 8) for _ in range(2)]
-    dense, dense_rows = run(1)
     assert dense == [True] * 14
     assert sorted(sparse_rows) == [2, 5]  # CSVLogger's step: optimizer steps done before the logged one
-    for step, row in sparse_rows.items():
-        for name in ("train/loss", "train/mean_token_accuracy", "train/entropy"):
-            assert float(row[name]) == pytest.approx(float(dense_rows[step][name]), rel=1e-5), (step, name)
+    assert_rows_match(sparse_rows, dense_rows, ("train/loss", "train/mean_token_accuracy", "train/entropy"))
 
 
 # ------------------------------------------------------------------------------ bad input
