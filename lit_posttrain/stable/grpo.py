@@ -28,6 +28,11 @@ Numbered departures from the paper (TRL's defaults and conventions unless said o
    over ranks), so advantages need no communication; ``scale_rewards="batch"`` uses this rank's std.
 7. Validation samples one greedy completion per prompt by default and logs its reward (``val/reward``);
    ``val_do_sample=True`` samples as TRL's evaluation does, from a generator reseeded at every validation.
+8. ``train/entropy`` is computed only on the generation batches whose metrics reach a reader: those
+   Lightning logs (every ``trainer.log_every_n_steps`` batches), the one that holds the run's last
+   optimizer step (``max_steps``), and every batch when there is no logger; it costs extra passes over
+   every chunk's logits. ``top_entropy_quantile < 1`` needs the entropies for the loss: then every batch.
+   Each logged value is that batch's (TRL logs the mean since its last log).
 
 Training loop (manual optimization; one ``training_step`` = one generation batch):
 
@@ -1093,6 +1098,18 @@ class GRPOModule(L.LightningModule):
         """Optimizer steps per generation batch."""
         return self.num_iterations * self.steps_per_generation
 
+    def _metrics_read_this_batch(self) -> bool:
+        """Whether this generation batch's training metrics reach a reader (departure 8): Lightning logs
+        the batch (every ``log_every_n_steps`` generation batches, or ``fast_dev_run``), it holds the run's
+        last optimizer step (``max_steps``), or there is no logger (callbacks read
+        ``trainer.callback_metrics`` after every batch). Constant during the batch's updates (its optimizer
+        steps end at the next multiple of `_steps_per_batch`), and the same on every rank."""
+        trainer, steps_per_batch = self.trainer, self._steps_per_batch()
+        batch = self.global_step // steps_per_batch + 1  # this generation batch, counted from 1
+        logged = trainer.log_every_n_steps > 0 and batch % trainer.log_every_n_steps == 0
+        last = 0 < trainer.max_steps <= batch * steps_per_batch
+        return not trainer.loggers or logged or last or bool(trainer.fast_dev_run)
+
     def _engine(self):
         """This step's rollout engine: ``self.rollout`` (which a callback may have swapped for vLLM), inside a
         `ToolRollout` when the model has tools."""
@@ -1223,12 +1240,14 @@ class GRPOModule(L.LightningModule):
         return step_loss, weighted_metrics, torch.cat(per_token_logps)
 
     def _compute_loss(self, samples: dict, num_items_in_batch: torch.Tensor):
-        """`grpo_loss` of one micro-batch under the current policy, its metrics plus ``entropy``, and
-        its detached log-probs (n, C)."""
+        """`grpo_loss` of one micro-batch under the current policy, its metrics plus ``entropy`` (on the
+        batches whose metrics are read, departure 8), and its detached log-probs (n, C)."""
         completion_mask = samples["completion_mask"]  # (n, C)
+        entropy_read = self._metrics_read_this_batch()
+        compute_entropy = entropy_read or self.top_entropy_quantile < 1.0  # the loss's entropy mask needs them
         per_token_logps, entropies = self(
-            samples["input_ids"], samples["attention_mask"], completion_mask.size(1), compute_entropy=True
-        )  # (n, C), (n, C)
+            samples["input_ids"], samples["attention_mask"], completion_mask.size(1), compute_entropy=compute_entropy
+        )  # (n, C), (n, C) or None
         # the ratio is exactly 1 only when no optimizer step happened since generation
         on_policy = self.num_iterations == 1 and self.steps_per_generation == 1
         old_per_token_logps = per_token_logps.detach() if on_policy else samples["old_per_token_logps"]
@@ -1258,7 +1277,8 @@ class GRPOModule(L.LightningModule):
             entropy_mask=entropy_mask,
             importance_sampling_ratio=importance_sampling_ratio,
         )
-        metrics["entropy"] = masked_mean(entropies, completion_mask)
+        if entropy_read:
+            metrics["entropy"] = masked_mean(entropies, completion_mask)
         return loss, metrics, per_token_logps.detach()
 
     def _weigh(self, metrics: dict[str, torch.Tensor], completion_mask: torch.Tensor) -> dict:

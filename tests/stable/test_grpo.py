@@ -726,3 +726,35 @@ def test_log_completions_wandb_table_offline(tiny_model_dir, tmp_path, monkeypat
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["step", "prompt", "completion", "PatternFractionReward", "advantage"]
     assert len(table["data"]) == 4 and all(row[0] == 1 for row in table["data"])
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_entropy_only_on_logged_generation_batches(method, tiny_model_dir, tmp_path, with_stats_calls):
+    """GRPO departure 8 / RLOO departure 6: with 2 optimizer steps of 2 micro-batches per generation batch, the
+    entropy is computed on the batches Lightning logs (every 2nd here) and on the one that holds the run's last
+    step, in all 4 of their forwards, and in none of the others'; the rows written hold the same values as a
+    run that computes it every batch (the same completions: the sampling does not depend on it)."""
+    from helpers.metrics import assert_rows_match, sparse_and_dense_runs
+
+    from lit_posttrain import RLOODataModule, RLOOModule
+    from lit_posttrain.stable import grpo, rloo
+
+    module_class, datamodule_class, method_file = {
+        "grpo": (GRPOModule, GRPODataModule, grpo), "rloo": (RLOOModule, RLOODataModule, rloo),
+    }[method]  # fmt: skip
+    computed = with_stats_calls(method_file)  # with_stats of each training forward of the policy
+    rows = [{"prompt": f"Digits only: {i}+1="} for i in range(10)]
+
+    def make():
+        module = module_class(
+            tiny_model_dir, random_init=True, reward_funcs=[_digits()], num_generations=4, max_completion_length=6,
+            steps_per_generation=2, micro_batch_size=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        )  # fmt: skip
+        return module, datamodule_class(tiny_model_dir, rows, batch_size=2)
+
+    # 5 generation batches of 2 optimizer steps: batches 2 and 4 are logged, batch 5 holds step 10, the last
+    (sparse, sparse_rows), (dense, dense_rows) = sparse_and_dense_runs(computed, make, tmp_path, 2, max_steps=10)
+    assert sparse == [batch in (2, 4, 5) for batch in range(1, 6) for _ in range(4)]
+    assert dense == [True] * 20
+    assert sorted(sparse_rows) == [1, 3]  # CSVLogger's step: generation batches done before the logged one
+    assert_rows_match(sparse_rows, dense_rows, ("train/loss", "train/reward", "train/entropy"))
