@@ -3,9 +3,11 @@
     python benchmarks/sft.py                       # all packing modes, 3 repeats each, JSON to stdout
     python benchmarks/sft.py --packing bfd --repeats 5 --steps 20
     python benchmarks/sft.py --packing bfd --precision bf16-mixed --profile-steps 2   # + top ops (stderr)
+    python benchmarks/sft.py --packing bfd --precision bf16-true --model medium       # a 75M model
 
-Model: a random-init Llama (vocab 32000, hidden 384, 6 layers, ~23M parameters) so that compute,
-not Python overhead, dominates. Data: 2,000 documents of 16-256 characters (one token per character
+Model: a random-init Llama (vocab 32000, hidden 384, 6 layers, ~22M parameters) so that compute,
+not Python overhead, dominates; ``--model medium``: hidden 768, 8 layers, 12 heads (~75M), to see
+how a figure (bf16 against fp32, MFU) moves with the model's size. Data: 2,000 documents of 16-256 characters (one token per character
 with the tiny tokenizer), batches of 8 sequences or 8 packs of up to 256 tokens. Each measurement runs
 in a fresh process (so peak RSS is its own); the first 2 steps are warm-up and not timed.
 
@@ -47,10 +49,15 @@ MODEL_CONFIG = {
     "head_dim": 64,
     "max_position_embeddings": 512,
 }
+MODELS = {
+    "small": MODEL_CONFIG,
+    "medium": {**MODEL_CONFIG, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
+               "num_attention_heads": 12, "num_key_value_heads": 4},
+}  # fmt: skip
 
 
 def run_once(packing: str, steps: int, batch_size: int, max_length: int, precision: str = "32-true",
-             profile_steps: int = 0, warmup: int = 2, log_every_n_steps: int = 10) -> dict:  # fmt: skip
+             profile_steps: int = 0, warmup: int = 2, log_every_n_steps: int = 10, model: str = "small") -> dict:  # fmt: skip
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
@@ -64,7 +71,7 @@ def run_once(packing: str, steps: int, batch_size: int, max_length: int, precisi
     letters = "abcdefghijklmnopqrstuvwxyz "
     rows = [{"text": "".join(rng.choice(letters) for _ in range(rng.randint(16, max_length)))} for _ in range(2000)]
     tiny = str(ROOT / "examples" / "tiny-model")
-    module = SFTModule(tiny, random_init=True, model_config=MODEL_CONFIG, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
+    module = SFTModule(tiny, random_init=True, model_config=MODELS[model], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
     dm = SFTDataModule(tiny, train_data=rows, batch_size=batch_size, max_length=max_length, packing=None if packing == "none" else packing)
 
     class Timer(L.Callback):
@@ -115,11 +122,12 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--log-every-n-steps", type=int, default=10, help="Lightning's metric logging interval")
+    parser.add_argument("--model", default="small", choices=list(MODELS), help="small: ~22M parameters; medium: ~75M")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         print(json.dumps(run_once(args._child, args.steps, args.batch_size, args.max_length, args.precision,
-                                  args.profile_steps, log_every_n_steps=args.log_every_n_steps)))  # fmt: skip
+                                  args.profile_steps, log_every_n_steps=args.log_every_n_steps, model=args.model)))  # fmt: skip
         return
     results = {}
     for packing in args.packing:
@@ -128,7 +136,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--_child", packing, "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                    "--precision", args.precision, "--profile-steps", str(args.profile_steps),
-                   "--log-every-n-steps", str(args.log_every_n_steps)]
+                   "--log-every-n-steps", str(args.log_every_n_steps), "--model", args.model]
             # the profiler's table goes to stderr: shown when asked for, else captured
             out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.profile_steps else subprocess.PIPE,
                                  text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -146,7 +154,7 @@ def main() -> None:
                                  for key in runs[0]["breakdown"]},
             "runs": len(runs),
         }  # fmt: skip
-    print(json.dumps({"benchmark": "sft", "batch_size": args.batch_size, "max_length": args.max_length,
+    print(json.dumps({"benchmark": "sft", "model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
                       "precision": args.precision, "torch_threads": __import__("torch").get_num_threads(),
                       "results": results}, indent=2))  # fmt: skip
 

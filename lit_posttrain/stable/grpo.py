@@ -1103,7 +1103,10 @@ class GRPOModule(L.LightningModule):
         the batch (every ``log_every_n_steps`` generation batches, or ``fast_dev_run``), it holds the run's
         last optimizer step (``max_steps``), or there is no logger (callbacks read
         ``trainer.callback_metrics`` after every batch). Constant during the batch's updates (its optimizer
-        steps end at the next multiple of `_steps_per_batch`), and the same on every rank."""
+        steps end at the next multiple of `_steps_per_batch`), and the same on every rank. Outside a
+        Trainer (a direct call of `_compute_loss`): True."""
+        if self._trainer is None:
+            return True
         trainer, steps_per_batch = self.trainer, self._steps_per_batch()
         batch = self.global_step // steps_per_batch + 1  # this generation batch, counted from 1
         logged = trainer.log_every_n_steps > 0 and batch % trainer.log_every_n_steps == 0
