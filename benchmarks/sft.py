@@ -7,9 +7,10 @@
 
 Model: a random-init Llama (vocab 32000, hidden 384, 6 layers, ~22M parameters) so that compute,
 not Python overhead, dominates; ``--model medium``: hidden 768, 8 layers, 12 heads (~75M), to see
-how a figure (bf16 against fp32, MFU) moves with the model's size. Data: 2,000 documents of 16-256 characters (one token per character
-with the tiny tokenizer), batches of 8 sequences or 8 packs of up to 256 tokens. Each measurement runs
-in a fresh process (so peak RSS is its own); the first 2 steps are warm-up and not timed.
+how a figure (bf16 against fp32, MFU) moves with the model's size. Data: 2,000 documents of 16-256
+characters (one token per character with the tiny tokenizer), batches of 8 sequences or 8 packs of
+up to 256 tokens. Each measurement runs in a fresh process (so peak RSS is its own); the first 2
+steps are warm-up and not timed.
 
 Reported per mode: median training tokens/s (non-padding tokens that went through forward and
 backward), median seconds per step, median peak RSS in MiB, and the padding share of the batches.

@@ -123,8 +123,9 @@ def chunked_selective_log_softmax(
     the last chunk, keep their log-softmax instead: where the log-probs feed the loss right away their
     backward runs first (the last chunk first), so they are freed before any other chunk is recomputed.
     Dropout inside the head replays the same mask (the RNG state is restored for the recomputation).
-    Values and gradients equal the unchunked computation up to float rounding (tested to 1e-5 in float32). With ``LIT_POSTTRAIN_COMPILE_LOSS=1`` in the environment each
-    chunk's work over the vocabulary runs through ``torch.compile`` (`compile_loss_enabled`).
+    Values and gradients equal the unchunked computation up to float rounding (tested to 1e-5 in float32).
+    With ``LIT_POSTTRAIN_COMPILE_LOSS=1`` in the environment each chunk's work over the vocabulary runs
+    through ``torch.compile`` (`compile_loss_enabled`).
 
     Args:
         hidden_states: (..., H) final hidden states (after the model's last norm), e.g. (N, T, H).
