@@ -4,6 +4,7 @@
     python benchmarks/sft.py --packing bfd --repeats 5 --steps 20
     python benchmarks/sft.py --packing bfd --precision bf16-mixed --profile-steps 2   # + top ops (stderr)
     python benchmarks/sft.py --packing bfd --precision bf16-true --model medium       # a 75M model
+    python benchmarks/sft.py --packing bfd --precision bf16-true --compile            # with CompileLayers
 
 Model: a random-init Llama (vocab 32000, hidden 384, 6 layers, ~22M parameters) so that compute,
 not Python overhead, dominates; ``--model medium``: hidden 768, 8 layers, 12 heads (~75M), to see
@@ -58,13 +59,15 @@ MODELS = {
 
 
 def run_once(packing: str, steps: int, batch_size: int, max_length: int, precision: str = "32-true",
-             profile_steps: int = 0, warmup: int = 2, log_every_n_steps: int = 10, model: str = "small") -> dict:  # fmt: skip
+             profile_steps: int = 0, warmup: int = 2, log_every_n_steps: int = 10, model: str = "small",
+             compile: bool = False) -> dict:  # fmt: skip
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
     from perf import ProfileSteps, StepBreakdown, flops_per_token, model_flops, performance, probe_peaks
 
     from lit_posttrain import SFTDataModule, SFTModule
+    from lit_posttrain.callbacks import CompileLayers
 
     peaks = probe_peaks()  # this machine's matmul peak now, with the threads the run uses
 
@@ -91,6 +94,7 @@ def run_once(packing: str, steps: int, batch_size: int, max_length: int, precisi
 
     timer, breakdown = Timer(), StepBreakdown(warmup, steps)
     callbacks = [breakdown, timer] + ([ProfileSteps(start=warmup + steps, steps=profile_steps)] if profile_steps else [])
+    callbacks += [CompileLayers()] if compile else []  # compiles during the warm-up steps
     with tempfile.TemporaryDirectory() as log_dir:  # metrics every 10 steps to a CSV file, as a run with a logger
         trainer = L.Trainer(
             accelerator="cpu", max_steps=steps + warmup + profile_steps, precision=precision,
@@ -124,11 +128,13 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--log-every-n-steps", type=int, default=10, help="Lightning's metric logging interval")
     parser.add_argument("--model", default="small", choices=list(MODELS), help="small: ~22M parameters; medium: ~75M")
+    parser.add_argument("--compile", action="store_true", help="with CompileLayers (decoder layers and loss compiled)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         print(json.dumps(run_once(args._child, args.steps, args.batch_size, args.max_length, args.precision,
-                                  args.profile_steps, log_every_n_steps=args.log_every_n_steps, model=args.model)))  # fmt: skip
+                                  args.profile_steps, log_every_n_steps=args.log_every_n_steps, model=args.model,
+                                  compile=args.compile)))  # fmt: skip
         return
     results = {}
     for packing in args.packing:
@@ -138,6 +144,7 @@ def main() -> None:
                    "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                    "--precision", args.precision, "--profile-steps", str(args.profile_steps),
                    "--log-every-n-steps", str(args.log_every_n_steps), "--model", args.model]
+            cmd += ["--compile"] if args.compile else []
             # the profiler's table goes to stderr: shown when asked for, else captured
             out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.profile_steps else subprocess.PIPE,
                                  text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -156,7 +163,7 @@ def main() -> None:
             "runs": len(runs),
         }  # fmt: skip
     print(json.dumps({"benchmark": "sft", "model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
-                      "precision": args.precision, "torch_threads": __import__("torch").get_num_threads(),
+                      "precision": args.precision, "compile": args.compile, "torch_threads": __import__("torch").get_num_threads(),
                       "results": results}, indent=2))  # fmt: skip
 
 

@@ -4,6 +4,7 @@
     python benchmarks/vs_trl.py dpo --repeats 5 --json dpo.json
     python benchmarks/vs_trl.py grpo --vllm              # + lit-posttrain GRPO with VLLMRollout
     python benchmarks/vs_trl.py sft --plain              # + a plain PyTorch loop over the same model
+    python benchmarks/vs_trl.py sft --plain --compile    # + both again with their decoder layers compiled
     python benchmarks/vs_trl.py sft --steps 1 --warmup 1 --repeats 1 --max-length 128   # a smoke run
 
 TRL is not a dependency of lit-posttrain: ``pip install "lit-posttrain[bench]"`` (TRL >= 1.16).
@@ -36,7 +37,10 @@ checkpoints. Everything else is each library's default for the method (TRL's met
 lit-posttrain's `TrainingDiagnostics`).
 ``--plain`` (sft) adds a third run: a plain PyTorch loop over the same model (`plain_run`: random
 tokens, no packing, full logits, no Lightning and no metrics), the floor a library should not fall
-below; its ratio is printed as ``lit-posttrain/plain-pytorch``.
+below; its ratio is printed as ``lit-posttrain/plain-pytorch``. ``--compile`` adds lit-posttrain with
+`CompileLayers` (its decoder layers and its loss through ``torch.compile``) and, with ``--plain``, the
+plain loop with its decoder layers compiled the same way (its loss is transformers' own): the first
+steps compile, so keep ``--warmup`` >= 2. TRL runs eager in every case.
 
 Measured: every run is a fresh subprocess (its peak RSS is its own); the libraries alternate within
 each repeat and start in the other order in the next one. Each run does ``--warmup`` + ``--steps``
@@ -66,6 +70,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 WORKLOADS = ("sft", "dpo", "grpo")
@@ -175,7 +180,7 @@ def lit_posttrain_run(args) -> tuple[list[float], list[float]]:
     from lightning.pytorch.loggers import CSVLogger
 
     from lit_posttrain import DPODataModule, DPOModule, GRPODataModule, GRPOModule, SFTDataModule, SFTModule
-    from lit_posttrain.callbacks import ReferenceModel, VLLMRollout
+    from lit_posttrain.callbacks import CompileLayers, ReferenceModel, VLLMRollout
 
     class StepEnds(L.Callback):
         def __init__(self):
@@ -220,6 +225,8 @@ def lit_posttrain_run(args) -> tuple[list[float], list[float]]:
                 kv_cache_memory_bytes=512 * 2**20, max_model_len=args.prompt_length + args.max_completion_length,
                 seed=args.seed,
             ))  # fmt: skip
+    if (args.worker or "").endswith("+compile"):
+        callbacks.append(CompileLayers())  # the decoder layers and the loss through torch.compile
     steps = StepEnds()
     trainer = L.Trainer(
         accelerator=args.device,
@@ -336,6 +343,10 @@ def plain_run(args) -> tuple[list[float], list[float]]:
     dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(args.device)
     model.train()
+    if (args.worker or "").endswith("+compile"):  # the decoder layers' forward through torch.compile, as CompileLayers
+        compiled = torch.compile(type(model.model.layers[0]).forward, dynamic=True)
+        for layer in model.model.layers:
+            layer.forward = types.MethodType(compiled, layer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     generator = torch.Generator().manual_seed(args.seed)
@@ -361,7 +372,7 @@ def worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = {"trl": trl_run, "plain-pytorch": plain_run}.get(args.worker, lit_posttrain_run)
+    run = {"trl": trl_run, "plain-pytorch": plain_run, "plain-pytorch+compile": plain_run}.get(args.worker, lit_posttrain_run)
     units, ends = run(args)
     if len(ends) != args.warmup + args.steps:
         raise RuntimeError(f"{args.worker}: expected {args.warmup + args.steps} steps, timed {len(ends)}")
@@ -401,6 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--vllm", action="store_true", help="grpo: also run lit-posttrain with VLLMRollout")
     parser.add_argument("--plain", action="store_true", help="sft: also run a plain PyTorch loop (full logits)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run lit-posttrain with CompileLayers (and, with --plain, the plain loop with its layers compiled)")  # fmt: skip
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the report as JSON to PATH ('-' or no value: stdout, instead of the table)")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -473,9 +486,11 @@ def summarize(args, runs: dict[str, list[dict]], peaks: dict[str, float], flops_
             "mfu": rate * flops_per_unit / 1e9 / peak,
         }
     ratios = {}
-    for library, baseline in [(lib, "trl") for lib in libraries if lib not in ("trl", "plain-pytorch")] + (
-        [("lit-posttrain", "plain-pytorch")] if "plain-pytorch" in libraries else []
-    ):
+    pairs = [(lib, "trl") for lib in libraries if lib.startswith("lit-posttrain")]
+    pairs += [(lib, plain) for lib, plain in [("lit-posttrain", "plain-pytorch"), ("lit-posttrain+compile", "plain-pytorch"),
+                                              ("lit-posttrain+compile", "plain-pytorch+compile")]
+              if lib in libraries and plain in libraries]  # fmt: skip
+    for library, baseline in pairs:
         ratios[f"{library}/{baseline}"] = {
             "rate": libraries[library]["median_rate"] / libraries[baseline]["median_rate"],
             "peak_rss": libraries[library]["median_peak_rss_mb"] / libraries[baseline]["median_peak_rss_mb"],
@@ -532,7 +547,9 @@ def main() -> None:
     load_before = os.getloadavg()
     peaks = probe_peaks()
     libraries = ["lit-posttrain", "trl"] + (["lit-posttrain+vllm"] if args.vllm else [])
+    libraries += ["lit-posttrain+compile"] if args.compile else []
     libraries += ["plain-pytorch"] if args.plain else []
+    libraries += ["plain-pytorch+compile"] if args.plain and args.compile else []
     runs: dict[str, list[dict]] = {library: [] for library in libraries}
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
     with tempfile.TemporaryDirectory() as tmp:

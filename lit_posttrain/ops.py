@@ -76,9 +76,17 @@ def _logps_from_logits(logits: torch.Tensor, index: torch.Tensor, temperature: f
         return logps, entropy, logits.mean(-1), logits.max(-1).indices
 
 
+# set by `lit_posttrain.callbacks.CompileLayers` for the length of a run (None: the environment decides)
+_compile_loss: bool | None = None
+
+
 def compile_loss_enabled() -> bool:
-    """``LIT_POSTTRAIN_COMPILE_LOSS=1``: `chunked_selective_log_softmax` runs each chunk's work over the
-    vocabulary through ``torch.compile`` (opt-in; docs/benchmarks.md, "Compiled loss")."""
+    """Whether `chunked_selective_log_softmax` runs each chunk's work over the vocabulary through
+    ``torch.compile`` (opt-in; docs/benchmarks.md, "Compiled loss"): during a run with the
+    `lit_posttrain.callbacks.CompileLayers` callback (``loss=True``), else with
+    ``LIT_POSTTRAIN_COMPILE_LOSS=1`` in the environment."""
+    if _compile_loss is not None:
+        return _compile_loss
     return os.environ.get("LIT_POSTTRAIN_COMPILE_LOSS", "").strip().lower() in ("1", "true", "yes", "on")
 
 

@@ -228,17 +228,23 @@ def test_vs_trl_data_tokenizes_to_the_intended_lengths(tmp_path):
 
 def test_vs_trl_ratios_against_trl_and_the_plain_loop():
     """The summary's ratios: every lit-posttrain run against TRL, and lit-posttrain against the plain
-    PyTorch loop (``--plain``), from the median rates and peak RSS by hand."""
-    args = vs_trl.parse_args(["sft", "--plain"])
+    PyTorch loop (``--plain``; with ``--compile``, the compiled run against both plain loops), from the
+    median rates and peak RSS by hand."""
+    args = vs_trl.parse_args(["sft", "--plain", "--compile"])
     runs = {
         "lit-posttrain": [{"rate": r, "peak_rss_mb": 1000, "median_step_s": 1.0} for r in (900, 1000, 950)],
         "trl": [{"rate": r, "peak_rss_mb": 4000, "median_step_s": 1.0} for r in (400, 380, 500)],
+        "lit-posttrain+compile": [{"rate": r, "peak_rss_mb": 1100, "median_step_s": 1.0} for r in (1300, 1400, 1350)],
         "plain-pytorch": [{"rate": r, "peak_rss_mb": 800, "median_step_s": 1.0} for r in (1200, 1100, 1250)],
+        "plain-pytorch+compile": [{"rate": r, "peak_rss_mb": 1000, "median_step_s": 1.0} for r in (1500, 1600)],
     }
     report = vs_trl.summarize(args, runs, {"fp32": 100.0, "bf16": 400.0}, flops_per_unit=1e8)
     assert report["ratios"] == {
         "lit-posttrain/trl": {"rate": 950 / 400, "peak_rss": 0.25},
+        "lit-posttrain+compile/trl": {"rate": 1350 / 400, "peak_rss": 1100 / 4000},
         "lit-posttrain/plain-pytorch": {"rate": 950 / 1200, "peak_rss": 1.25},
+        "lit-posttrain+compile/plain-pytorch": {"rate": 1350 / 1200, "peak_rss": 1100 / 800},
+        "lit-posttrain+compile/plain-pytorch+compile": {"rate": 1350 / 1550, "peak_rss": 1.1},
     }
     assert report["libraries"]["plain-pytorch"]["mfu"] == pytest.approx(1200 * 1e8 / 1e9 / 100.0)
 
