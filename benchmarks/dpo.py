@@ -6,6 +6,7 @@ sequences (prompt 128 + completion 128 tokens: sequences of 256). Nothing is dow
 
     python benchmarks/dpo.py                  # both modes, one run each
     python benchmarks/dpo.py --repeats 3      # three fresh runs per mode and their medians
+    python benchmarks/dpo.py --compile        # with CompileLayers (the policy compiles; the reference stays eager)
 
 Each run is a fresh subprocess, so its peak RSS (``ru_maxrss``) belongs to that run alone:
 ``peak_rss_delta_mb`` is the peak during ``fit`` minus the RSS just before ``fit`` (the policy
@@ -86,7 +87,7 @@ def run(args) -> dict:
     from perf import ProfileSteps, StepBreakdown, flops_per_token, model_flops, performance, probe_peaks
 
     from lit_posttrain import DPODataModule, DPOModule
-    from lit_posttrain.callbacks import ReferenceModel
+    from lit_posttrain.callbacks import CompileLayers, ReferenceModel
 
     class StepTimer(L.Callback):
         def __init__(self, warmup: int, steps: int):
@@ -152,7 +153,7 @@ def run(args) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, reference, breakdown, *profile],
+        callbacks=[timer, reference, breakdown, *profile, *([CompileLayers()] if args.compile else [])],
     )
     rss_before = current_rss_mb()
     trainer.fit(module, datamodule)
@@ -196,6 +197,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
+    parser.add_argument("--compile", action="store_true", help="with CompileLayers (the policy's layers and loss compiled)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every-n-steps", type=int, default=10, help="Lightning's metric logging interval")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")

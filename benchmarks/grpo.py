@@ -7,6 +7,7 @@ to ``max_completion_length``). Nothing is downloaded.
 
     python benchmarks/grpo.py                       # HF generate rollout, one run
     python benchmarks/grpo.py --repeats 3           # three runs (fresh processes) and their medians
+    python benchmarks/grpo.py --compile --repeats 3 # with CompileLayers (training compiled, generation eager)
     python benchmarks/grpo.py --rollout vllm --repeats 3   # a colocated vLLM engine (VLLMRollout)
     python benchmarks/grpo.py --mode async --repeats 3     # AsyncGRPOModule: a vLLM engine process runs ahead
 
@@ -67,7 +68,7 @@ from perf import (
 )
 
 from lit_posttrain import GRPODataModule, GRPOModule
-from lit_posttrain.callbacks import VLLMRollout
+from lit_posttrain.callbacks import CompileLayers, VLLMRollout
 from lit_posttrain.experimental.async_grpo import AsyncGRPOModule
 from lit_posttrain.rewards import PatternFractionReward
 
@@ -263,7 +264,7 @@ def run(args, model_dir: Path) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[*rollout_callbacks(args), breakdown, step_flops, *profile],
+        callbacks=[*rollout_callbacks(args), breakdown, step_flops, *profile, *([CompileLayers()] if args.compile else [])],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -334,6 +335,8 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
+    parser.add_argument("--compile", action="store_true",
+                        help="with CompileLayers (training forwards and loss compiled; HF generate stays eager)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -43,10 +43,16 @@ plain loop with its decoder layers compiled the same way (its loss is transforme
 steps compile, so keep ``--warmup`` >= 2. TRL runs eager in every case.
 
 Measured: every run is a fresh subprocess (its peak RSS is its own); the libraries alternate within
-each repeat and start in the other order in the next one. Each run does ``--warmup`` + ``--steps``
-optimizer steps; the wall time from the end of the last warm-up step to the end of the last step
-(TRL: a ``TrainerCallback.on_step_end``; lit-posttrain: a Lightning ``on_train_batch_end``)
-covers exactly ``--steps`` steps, data loading and logging included, the same way for both. Rates:
+each repeat and start in the other order in the next one. Each run does ``--warmup`` (2) +
+``--steps`` (10) + ``--cooldown`` (1) optimizer steps; the wall time from the end of the last warm-up
+step to the end of the last measured step (TRL: a ``TrainerCallback.on_step_end``; lit-posttrain: a
+Lightning ``on_train_batch_end``) covers exactly ``--steps`` steps, data loading and logging included,
+the same way for all. The measured steps are the steady state of a long run: with metrics logged every
+10 steps, 10 measured steps hold one logged step, as a long run's every tenth; the run's final step,
+which does end-of-run work a long run does once (lit-posttrain computes its token statistics on it,
+`SFTModule` departure 3), is the unmeasured cool-down. (Until 2026-12-02 the default was 4 measured
+steps and no cool-down: the last measured step was the run's last, so lit-posttrain's SFT window held one
+statistics step in four.) Rates:
 SFT tokens/s (input tokens of the measured steps, padding excluded), DPO pairs/s, GRPO samples/s
 (completions). Peak RSS: the process's ``ru_maxrss`` (model, data, optimizer and everything the
 library imports). Reported per library: the median rate and peak RSS over the repeats, the median
@@ -125,7 +131,7 @@ def make_rows(args) -> list[dict]:
         num_docs = int(
             2.5
             * args.batch_size
-            * (args.warmup + args.steps)
+            * total_steps(args)
             * args.max_length
             / ((16 + args.max_length) / 2)
         )
@@ -135,9 +141,9 @@ def make_rows(args) -> list[dict]:
         n = args.completion_length - 1
         return [
             {"prompt": text(args.prompt_length), "chosen": " " + text(n), "rejected": " " + text(n)}
-            for _ in range(args.batch_size * (args.warmup + args.steps))
+            for _ in range(args.batch_size * total_steps(args))
         ]
-    return [{"prompt": text(args.prompt_length)} for _ in range(args.batch_size * (args.warmup + args.steps))]
+    return [{"prompt": text(args.prompt_length)} for _ in range(args.batch_size * total_steps(args))]
 
 
 def even_token_reward(completions, **kwargs) -> list[float]:
@@ -232,7 +238,7 @@ def lit_posttrain_run(args) -> tuple[list[float], list[float]]:
         accelerator=args.device,
         devices=1,
         precision=args.precision,
-        max_steps=args.warmup + args.steps,
+        max_steps=total_steps(args),
         gradient_clip_val=None if args.workload == "grpo" else 1.0,  # GRPO clips itself (max_grad_norm)
         # metrics logged every 10 optimizer steps, TRL's logging_steps default, to a CSV file (TRL keeps its
         # log history in memory with report_to="none"): the default path of a run, which has a logger
@@ -280,7 +286,7 @@ def trl_run(args) -> tuple[list[float], list[float]]:
     }[args.precision]
     common = dict(
         output_dir=args.output_dir,
-        max_steps=args.warmup + args.steps,
+        max_steps=total_steps(args),
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         optim="adamw_torch",
@@ -351,7 +357,7 @@ def plain_run(args) -> tuple[list[float], list[float]]:
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     generator = torch.Generator().manual_seed(args.seed)
     units, ends = [], []
-    for _ in range(args.warmup + args.steps):
+    for _ in range(total_steps(args)):
         input_ids = torch.randint(2, args.vocab_size, (args.batch_size, args.max_length), generator=generator)
         input_ids = input_ids.to(args.device)
         with autocast:
@@ -366,6 +372,20 @@ def plain_run(args) -> tuple[list[float], list[float]]:
     return units, ends
 
 
+def total_steps(args) -> int:
+    """Optimizer steps of one run: warm-up, measured, cool-down."""
+    return args.warmup + args.steps + args.cooldown
+
+
+def measured_window(args, units: list[float], ends: list[float]) -> tuple[list[float], float, list[float]]:
+    """The measured steps ``warmup+1 .. warmup+steps`` of a run's per-step work and end times: their work,
+    the wall time from the end of the last warm-up step to the end of the last measured one, and each
+    measured step's time (the cool-down steps after them are left out)."""
+    last = args.warmup + args.steps
+    step_s = [b - a for a, b in zip(ends[args.warmup - 1 : last - 1], ends[args.warmup : last])]
+    return units[args.warmup : last], ends[last - 1] - ends[args.warmup - 1], step_s
+
+
 def worker(args) -> dict:
     """One run: train, then the rate over the measured steps and the process's peak RSS."""
     import torch
@@ -374,11 +394,9 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     run = {"trl": trl_run, "plain-pytorch": plain_run, "plain-pytorch+compile": plain_run}.get(args.worker, lit_posttrain_run)
     units, ends = run(args)
-    if len(ends) != args.warmup + args.steps:
-        raise RuntimeError(f"{args.worker}: expected {args.warmup + args.steps} steps, timed {len(ends)}")
-    measured = units[args.warmup :]  # steps warmup+1 .. warmup+steps
-    seconds = ends[-1] - ends[args.warmup - 1]  # end of the last warm-up step to the end of the last step
-    step_s = [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])]
+    if len(ends) != total_steps(args):
+        raise RuntimeError(f"{args.worker}: expected {total_steps(args)} steps, timed {len(ends)}")
+    measured, seconds, step_s = measured_window(args, units, ends)
     result = {
         "library": args.worker,
         "rate": sum(measured) / seconds,
@@ -402,9 +420,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs per library (fresh processes, interleaved)"
     )
-    parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps per run")
     parser.add_argument(
         "--warmup", type=int, default=2, help="optimizer steps before the measured ones (>= 1)"
+    )
+    parser.add_argument(
+        "--cooldown", type=int, default=1, help="optimizer steps after the measured ones, not measured (>= 0)"
     )
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument(
@@ -449,6 +470,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--vllm applies to grpo only, got workload {args.workload!r}")
     if args.plain and args.workload != "sft":
         parser.error(f"--plain applies to sft only, got workload {args.workload!r}")
+    if args.cooldown < 0:
+        parser.error(f"--cooldown must be >= 0, got {args.cooldown}")
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error(
             f"--warmup, --steps and --repeats must be >= 1, got {args.warmup}, {args.steps}, {args.repeats}"
@@ -460,7 +483,7 @@ def worker_argv(args, library: str, model_dir: Path, data: Path, output_dir: Pat
     """The command line that runs one library's run in a fresh process."""
     argv = [sys.executable, __file__, args.workload, "--worker", library, "--model-dir", str(model_dir),
             "--data", str(data), "--output-dir", str(output_dir)]  # fmt: skip
-    for name in ("steps", "warmup", "precision", "lr", "device", "threads", "seed", "vocab_size", "hidden_size",
+    for name in ("steps", "warmup", "cooldown", "precision", "lr", "device", "threads", "seed", "vocab_size", "hidden_size",
                  "num_layers", "batch_size", "max_length", "prompt_length", "completion_length", "num_generations",
                  "max_completion_length"):  # fmt: skip
         value = getattr(args, name)
@@ -510,19 +533,21 @@ def describe(args) -> str:
 def print_table(report: dict) -> None:
     unit = report["unit"]
     print(f"{report['workload_description']}; {report['precision']}; {report['repeats']} interleaved repeat(s) of "
-          f"{report['steps']} measured steps after {report['warmup']} warm-up; torch threads {report['torch_threads']}")  # fmt: skip
+          f"{report['steps']} measured steps after {report['warmup']} warm-up (+ {report['cooldown']} cool-down); "
+          f"torch threads {report['torch_threads']}")  # fmt: skip
     print(f"versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}")
     print(f"load average (1, 5, 15 min): before {report['load_before']}, after {report['load_after']}; "
           f"matmul peak fp32 {report['peak_gflops']['fp32']:.0f} / bf16 {report['peak_gflops']['bf16']:.0f} GFLOP/s; "
           f"model FLOPs per {unit.split('/')[0][:-1]}: {report['flops_per_unit'] / 1e6:.1f} M")  # fmt: skip
     print()
-    print(f"{'library':<30}{unit + ' (median)':>20}{'runs':>30}{'peak RSS MiB':>15}{'GFLOP/s':>10}{'MFU':>8}")
+    width = max(len("ratio " + name) for name in [*report["ratios"], *report["libraries"]]) + 2
+    print(f"{'library':<{width}}{unit + ' (median)':>20}{'runs':>30}{'peak RSS MiB':>15}{'GFLOP/s':>10}{'MFU':>8}")
     for library, r in report["libraries"].items():
         runs = ", ".join(f"{rate:.3g}" for rate in r["rates"])
-        print(f"{library:<30}{r['median_rate']:>20.3f}{runs:>30}{r['median_peak_rss_mb']:>15.0f}"
+        print(f"{library:<{width}}{r['median_rate']:>20.3f}{runs:>30}{r['median_peak_rss_mb']:>15.0f}"
               f"{r['gflops']:>10.1f}{r['mfu']:>8.1%}")  # fmt: skip
     for name, ratio in report["ratios"].items():
-        print(f"{'ratio ' + name:<30}{ratio['rate']:>19.2f}x{'':>30}{ratio['peak_rss']:>14.2f}x")
+        print(f"{'ratio ' + name:<{width}}{ratio['rate']:>19.2f}x{'':>30}{ratio['peak_rss']:>14.2f}x")
 
 
 def main() -> None:
@@ -584,6 +609,7 @@ def main() -> None:
         "repeats": args.repeats,
         "steps": args.steps,
         "warmup": args.warmup,
+        "cooldown": args.cooldown,
         "lr": args.lr,
         "torch_threads": runs["lit-posttrain"][0]["torch_threads"],
         "versions": {

@@ -180,6 +180,7 @@ def test_vs_trl_rejects_bad_options(capsys):
         (["sft", "--vllm"], "--vllm applies to grpo only"),
         (["dpo", "--plain"], "--plain applies to sft only"),
         (["dpo", "--warmup", "0"], "--warmup"),
+        (["sft", "--cooldown", "-1"], "--cooldown"),
         (["grpo", "--precision", "16-mixed"], "--precision"),
     ]:
         with pytest.raises(SystemExit):
@@ -195,7 +196,7 @@ def test_vs_trl_worker_gets_the_parent_s_settings(tmp_path):
     argv = vs_trl.worker_argv(args, "trl", tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "o")
     worker = vs_trl.parse_args(argv[2:])
     assert worker.worker == "trl" and worker.data == str(tmp_path / "d.jsonl")
-    for name in ("workload", "steps", "warmup", "precision", "lr", "threads", "batch_size", "prompt_length",
+    for name in ("workload", "steps", "warmup", "cooldown", "precision", "lr", "threads", "batch_size", "prompt_length",
                  "num_generations", "max_completion_length", "hidden_size", "num_layers", "vocab_size"):  # fmt: skip
         assert getattr(worker, name) == getattr(args, name), name
 
@@ -211,7 +212,7 @@ def test_vs_trl_data_tokenizes_to_the_intended_lengths(tmp_path):
         ["dpo", "--vocab-size", "300", "--steps", "1", "--warmup", "1", "--batch-size", "2"]
     )
     rows = vs_trl.make_rows(args)
-    assert len(rows) == 4
+    assert len(rows) == 6  # 2 pairs x (1 warm-up + 1 measured + 1 cool-down step)
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         chosen = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
@@ -250,14 +251,23 @@ def test_vs_trl_ratios_against_trl_and_the_plain_loop():
 
 
 def test_vs_trl_plain_loop_times_each_step(tmp_path):
-    """The plain loop's run (one tiny model, 1 + 2 steps): each step's tokens are the batch's whole rows
+    """The plain loop's run (one tiny model, 1 + 2 + 1 steps): each step's tokens are the batch's whole rows
     (no padding), one timed end per step, increasing."""
     model_dir = vs_trl.make_model_dir(tmp_path / "m", vocab_size=300, hidden_size=64, num_layers=1, seed=0)
     args = vs_trl.parse_args(["sft", "--plain", "--steps", "2", "--warmup", "1", "--batch-size", "2",
                               "--max-length", "16", "--vocab-size", "300", "--model-dir", str(model_dir)])  # fmt: skip
     units, ends = vs_trl.plain_run(args)
-    assert units == [32, 32, 32]
-    assert ends == sorted(ends) and len(set(ends)) == 3
+    assert units == [32, 32, 32, 32]
+    assert ends == sorted(ends) and len(set(ends)) == 4
+
+
+def test_vs_trl_measures_the_steps_between_warm_up_and_cool_down():
+    """2 warm-up, 3 measured, 1 cool-down step ending at 1, 2, 4, 7, 11, 16 s: the window is steps 3-5,
+    from the end of step 2 (2 s) to the end of step 5 (11 s)."""
+    args = vs_trl.parse_args(["sft", "--warmup", "2", "--steps", "3", "--cooldown", "1"])
+    assert vs_trl.total_steps(args) == 6
+    units, seconds, step_s = vs_trl.measured_window(args, [10, 20, 30, 40, 50, 60], [1, 2, 4, 7, 11, 16])
+    assert (units, seconds, step_s) == ([30, 40, 50], 9, [2, 3, 4])
 
 
 def test_even_token_reward_by_hand():
@@ -285,8 +295,8 @@ def test_vs_trl_lit_posttrain_run_times_every_step(workload, tmp_path):
     Path(args.data).write_text("".join(json.dumps(row) + "\n" for row in vs_trl.make_rows(args)))
     args.worker, args.output_dir = "lit-posttrain", str(tmp_path / "out")
     units, ends = vs_trl.lit_posttrain_run(args)
-    assert len(units) == len(ends) == 3 and ends == sorted(ends)
+    assert len(units) == len(ends) == 4 and ends == sorted(ends)  # 1 warm-up + 2 measured + 1 cool-down
     if workload == "sft":  # packed rows of at most 32 tokens, nearly full
         assert all(32 < n <= 2 * 32 for n in units)
     else:  # 2 pairs; 2 prompts x 2 completions
-        assert units == [2, 2, 2] if workload == "dpo" else units == [4, 4, 4]
+        assert units == [2, 2, 2, 2] if workload == "dpo" else units == [4, 4, 4, 4]

@@ -80,3 +80,29 @@ def test_a_module_without_a_model_is_refused():
 
     with pytest.raises(TypeError, match=r"NoModel has no `model` attribute"):
         CompileLayers().on_fit_start(None, NoModel())
+
+
+def test_generation_with_a_kv_cache_runs_eager(tiny_model):
+    """HF ``generate`` with a KV cache through compiled layers: the same tokens as without the callback,
+    and Dynamo never traces a frame (the cache's per-token state would recompile it until it gave up)."""
+    from torch._dynamo.utils import counters
+
+    class Holder(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    prompt = torch.tensor([[5, 9, 14, 3]])
+    torch.manual_seed(0)
+    expected = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    callback = CompileLayers(loss=False)
+    callback.on_fit_start(None, Holder(tiny_model))
+    try:
+        assert all(isinstance(layer.__dict__.get("forward"), types.MethodType) for layer in decoder_layers(tiny_model))
+        frames = counters["frames"]["total"]
+        generated = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+        assert counters["frames"]["total"] == frames
+    finally:
+        callback.teardown(None, None, "fit")
+    assert torch.equal(generated, expected)
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(tiny_model))
