@@ -419,5 +419,11 @@ def decoder_layers(model) -> list[torch.nn.Module]:
             "8-bit weights cannot be sharded by fully_shard. Use strategy: ddp (each process holds the whole "
             "quantized base, which is what QLoRA makes small), or drop quantization to shard the model"
         )
+    return transformer_blocks(model)
+
+
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The modules of ``model`` whose class (or a base class: FSDP2's ``fully_shard`` swaps in a subclass,
+    ``FSDPLlamaDecoderLayer``) the (PEFT-wrapped) model names in ``_no_split_modules``: its decoder layers."""
     layer_classes = set(unwrap_peft(model)._no_split_modules or [])
-    return [m for m in model.modules() if type(m).__name__ in layer_classes]
+    return [m for m in model.modules() if any(cls.__name__ in layer_classes for cls in type(m).__mro__)]

@@ -38,3 +38,15 @@ def test_disable_dropout_zeroes_every_dropout_module():
     model = load_model(None, random_init=True, model_config=config, disable_dropout=True)
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0.0 for m in dropouts) and model.training
+
+
+def test_transformer_blocks_are_found_by_class_or_base_class(tiny_model):
+    """The decoder layers are the modules whose class the model names in `_no_split_modules`; after FSDP2's
+    fully_shard, which swaps each layer's class for an ``FSDP<name>`` subclass, they are still found."""
+    from lit_posttrain.models import transformer_blocks
+
+    layers = transformer_blocks(tiny_model)
+    assert layers == list(tiny_model.model.layers) and len(layers) == tiny_model.config.num_hidden_layers
+    for layer in layers:  # what fully_shard does to the class
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    assert transformer_blocks(tiny_model) == layers
