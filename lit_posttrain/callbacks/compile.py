@@ -14,8 +14,9 @@ log-softmax over the vocabulary compiles too (`lit_posttrain.ops.compile_loss_en
 What it does not change: the math (values and gradients equal the eager ones up to float rounding,
 tested), the module's ``state_dict`` keys, checkpoints and exports (the compiled function is set as the
 layers' ``forward`` attribute; ``__call__`` and its hooks stay eager, so FSDP2's and PEFT's hooks run as
-without it). Copies of the model made before the run starts (the `ReferenceModel`'s at ``setup``) stay
-eager; a copy made during the run (``copy.deepcopy``) calls the compiled function on its own layers.
+without it). The frozen models of the Trainer's `ReferenceModel` and `TeacherModel` callbacks compile
+too (``frozen=True``); a copy made during the run (``copy.deepcopy``) calls the compiled function on
+its own layers.
 
 A layer called with a KV cache (``past_key_values``: generation with HF ``generate``, as GRPO's and
 RLOO's default rollout does) runs eager: the cache's Python state changes with every token and would
@@ -40,6 +41,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_posttrain import ops
+from lit_posttrain.callbacks.reference_model import ReferenceModel, TeacherModel
 from lit_posttrain.models import transformer_blocks
 
 
@@ -66,6 +68,8 @@ class CompileLayers(L.Callback):
             lengths vary from batch to batch in every method here); None lets it specialise first.
         mode: ``torch.compile``'s ``mode`` (None, "default", "reduce-overhead", "max-autotune", ...).
         backend: ``torch.compile``'s backend.
+        frozen: also compile the layers of the frozen models the Trainer's `ReferenceModel` and
+            `TeacherModel` callbacks hold (their no-grad forwards: one more graph to compile).
     """
 
     def __init__(
@@ -75,8 +79,9 @@ class CompileLayers(L.Callback):
         dynamic: bool | None = True,
         mode: str | None = None,
         backend: str = "inductor",
+        frozen: bool = True,
     ):
-        self.loss, self.dynamic, self.mode, self.backend = loss, dynamic, mode, backend
+        self.loss, self.dynamic, self.mode, self.backend, self.frozen = loss, dynamic, mode, backend, frozen
         self._compiled: dict = {}  # layer class's forward function -> its compiled function
         self._layers: list[torch.nn.Module] = []  # the layers whose forward this callback set
         self._previous_compile_loss: bool | None = None
@@ -94,7 +99,14 @@ class CompileLayers(L.Callback):
                 f"CompileLayers found no decoder layers in {type(model).__name__}: it compiles the classes named by "
                 "the model's `_no_split_modules` (every transformers causal LM names its decoder layer there)"
             )
-        for layer in layers:
+        frozen = []  # the reference's / teacher's layers (LoRA's reference is the policy itself: no model)
+        if self.frozen:
+            for callback in trainer.callbacks:
+                if isinstance(callback, (ReferenceModel, TeacherModel)) and isinstance(
+                    callback.model, torch.nn.Module
+                ):
+                    frozen += transformer_blocks(callback.model)
+        for layer in layers + frozen:
             function = type(layer).forward
             if function not in self._compiled:
                 compiled = torch.compile(function, dynamic=self.dynamic, mode=self.mode, backend=self.backend)
@@ -105,7 +117,8 @@ class CompileLayers(L.Callback):
         if self.loss:
             self._previous_compile_loss, ops._compile_loss = ops._compile_loss, True
         rank_zero_info(
-            f"[lit-posttrain] CompileLayers: {len(layers)} x {type(layers[0]).__name__} compiled "
+            f"[lit-posttrain] CompileLayers: {len(layers)} x {type(layers[0]).__name__} compiled"
+            f"{f' (+ {len(frozen)} of frozen models)' if frozen else ''} "
             f"(dynamic={self.dynamic}, mode={self.mode}){', and the loss' if self.loss else ''}; the first step compiles"
         )
 

@@ -96,9 +96,12 @@ def test_generation_with_a_kv_cache_runs_eager(tiny_model):
     torch.manual_seed(0)
     expected = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
     callback = CompileLayers(loss=False)
-    callback.on_fit_start(None, Holder(tiny_model))
+    callback.on_fit_start(L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False), Holder(tiny_model))
     try:
-        assert all(isinstance(layer.__dict__.get("forward"), types.MethodType) for layer in decoder_layers(tiny_model))
+        assert all(
+            isinstance(layer.__dict__.get("forward"), types.MethodType)
+            for layer in decoder_layers(tiny_model)
+        )
         frames = counters["frames"]["total"]
         generated = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
         assert counters["frames"]["total"] == frames
@@ -106,3 +109,30 @@ def test_generation_with_a_kv_cache_runs_eager(tiny_model):
         callback.teardown(None, None, "fit")
     assert torch.equal(generated, expected)
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(tiny_model))
+
+
+def test_the_frozen_models_layers_compile_too(tiny_model):
+    """With a `ReferenceModel` on the Trainer, the reference copy's layers get the same compiled forward as
+    the policy's (bound to themselves), with ``frozen=False`` they stay eager; teardown restores both."""
+    from lit_posttrain.callbacks import ReferenceModel
+
+    class Holder(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    for frozen in (True, False):
+        reference = ReferenceModel()
+        reference.model = copy.deepcopy(tiny_model)
+        trainer = L.Trainer(accelerator="cpu", callbacks=[reference], logger=False, enable_progress_bar=False)
+        callback = CompileLayers(frozen=frozen, loss=False)
+        callback.on_fit_start(trainer, Holder(tiny_model))
+        policy_forward = decoder_layers(tiny_model)[0].__dict__["forward"].__func__
+        for layer in decoder_layers(reference.model):
+            bound = layer.__dict__.get("forward")
+            assert (bound.__func__ is policy_forward and bound.__self__ is layer) if frozen else bound is None
+        callback.teardown(trainer, None, "fit")
+        assert all(
+            "forward" not in layer.__dict__
+            for layer in decoder_layers(reference.model) + decoder_layers(tiny_model)
+        )
