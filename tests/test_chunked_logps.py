@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_posttrain import DPOModule, GRPOModule, KTOModule, RLOOModule, SFTModule
+from lit_posttrain import DPOModule, GRPOModule, KTOModule, RLOOModule, SFTModule, ops
 from lit_posttrain.callbacks import ReferenceModel
 from lit_posttrain.models import LoRAConfig, final_hidden_states, load_model
-from lit_posttrain.ops import TokenStats, chunked_selective_log_softmax, masked_sum
+from lit_posttrain.ops import TokenStats, _TargetLogSoftmax, chunked_selective_log_softmax, masked_sum
 from lit_posttrain.rewards import PatternFractionReward
 from lit_posttrain.stable.dpo import DataCollatorForPreference, _logits_to_keep
 from lit_posttrain.stable.sft import sft_loss
@@ -127,6 +127,47 @@ def test_bfloat16_head_gives_float32_logps_of_its_logits():
     logps, _ = chunked_selective_log_softmax(hidden, head, index, chunk_size=4)
     assert logps.dtype == torch.float32
     torch.testing.assert_close(logps, _naive(head(hidden), index)[0], **TOL)
+
+
+def test_target_log_softmax_overwrites_the_logits_and_writes_its_gradient_over_them():
+    """The eager chunk op (`_TargetLogSoftmax`): its log-probs are the log-softmax computed in the logits'
+    own memory, and its gradient, (onehot - softmax) scaled by each position's upstream gradient (some
+    zero, some negative), equals autograd's log_softmax + gather to 1e-6 and is written over the saved
+    log-softmax (no new (C, V) tensor). A second backward through it raises instead of using the consumed
+    log-softmax."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 40, (6,))
+    upstream = torch.tensor([1.0, -2.0, 0.0, 0.5, 3.0, -0.25], dtype=torch.float64)
+    expected = torch.log_softmax(x, -1).gather(-1, index[:, None])[:, 0]
+    (want,) = torch.autograd.grad((expected * upstream).sum(), x)
+
+    logits = x * 1.0  # a non-leaf, as a head's output
+    storage = logits.data_ptr()
+    seen = []
+    logps, all_logps = _TargetLogSoftmax.apply(logits, index)
+    assert all_logps.data_ptr() == storage and not all_logps.requires_grad
+    torch.testing.assert_close(all_logps, torch.log_softmax(x.detach(), -1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(logps, expected, atol=1e-12, rtol=0)
+    logps.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append(grad_inputs[0].data_ptr()))
+    (got,) = torch.autograd.grad((logps * upstream).sum(), x, retain_graph=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert seen == [storage]  # the gradient w.r.t. the logits lives where the logits were
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad((logps * upstream).sum(), x)
+
+
+def test_entropy_over_blocks_of_rows_equals_the_whole_chunks(monkeypatch):
+    """The statistics' entropy, computed a block of rows at a time (`ENTROPY_BLOCK_NUMEL`), equals the
+    naive entropy whether the blocks divide the chunk or not."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden, index = torch.randn(23, 16) * 3, torch.randint(0, 50, (23,))
+    expected = _naive(head(hidden), index)[1].entropy
+    for rows in (1, 3, 100):  # blocks of 1 row, 3 rows (23 = 7 x 3 + 2), the whole chunk
+        monkeypatch.setattr(ops, "ENTROPY_BLOCK_NUMEL", rows * 50)
+        _, stats = chunked_selective_log_softmax(hidden, head, index, chunk_size=10, with_stats=True)
+        torch.testing.assert_close(stats.entropy, expected, **TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
