@@ -194,8 +194,9 @@ def chunked_selective_log_softmax(
     The positions are flattened and cut into chunks; each chunk's logits are computed by calling
     ``lm_head`` (so a tied head, a PEFT LoRA-wrapped head, a bitsandbytes layer and an FSDP2-unsharded
     weight all work as in the model's own forward), reduced to the gathered log-probs (in float32:
-    the logits are upcast before the log-softmax), and freed. With gradients enabled each chunk runs under
-    ``torch.utils.checkpoint`` (non-reentrant), except the trailing ones within ``keep_numel``: the
+    the logits are upcast before the log-softmax; eagerly, the log-softmax overwrites the chunk's logits
+    and its backward writes the gradient over it, `_TargetLogSoftmax`), and freed. With gradients enabled
+    each chunk runs under ``torch.utils.checkpoint`` (non-reentrant), except the trailing ones within ``keep_numel``: the
     backward pass recomputes that chunk's logits (one more head matmul per position) instead of keeping
     them, so the peak memory is bounded (``keep_numel`` values of log-softmax plus one chunk) whatever the
     number of positions. The trailing chunks whose positions x vocabulary fit in ``keep_numel``, and always
@@ -203,8 +204,9 @@ def chunked_selective_log_softmax(
     backward runs first (the last chunk first), so they are freed before any other chunk is recomputed.
     Dropout inside the head replays the same mask (the RNG state is restored for the recomputation).
     Values and gradients equal the unchunked computation up to float rounding (tested to 1e-5 in float32).
-    With ``LIT_POSTTRAIN_COMPILE_LOSS=1`` in the environment each chunk's work over the vocabulary runs
-    through ``torch.compile`` (`compile_loss_enabled`).
+    With ``LIT_POSTTRAIN_COMPILE_LOSS=1`` in the environment (or `lit_posttrain.callbacks.CompileLayers`'s
+    ``loss=True`` during a run) each chunk's work over the vocabulary runs through ``torch.compile``
+    (`compile_loss_enabled`, `_logps_from_logits`).
 
     Args:
         hidden_states: (..., H) final hidden states (after the model's last norm), e.g. (N, T, H).

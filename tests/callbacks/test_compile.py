@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_posttrain import SFTDataModule, SFTModule, ops
-from lit_posttrain.callbacks import CompileLayers
+from lit_posttrain.callbacks import CompileLayers, ReferenceModel
 from lit_posttrain.models import decoder_layers
 from tests.helpers.metrics import metrics_csv_rows
 
@@ -74,6 +74,14 @@ def test_compiled_run_equals_eager_and_restores(tiny_model_dir, tmp_path, monkey
     assert ops._compile_loss is None and not ops.compile_loss_enabled()
 
 
+class _Holder(L.LightningModule):
+    """A LightningModule around a model, for calling the callback's hooks directly."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
 def test_a_module_without_a_model_is_refused():
     class NoModel(L.LightningModule):
         pass
@@ -87,16 +95,11 @@ def test_generation_with_a_kv_cache_runs_eager(tiny_model):
     and Dynamo never traces a frame (the cache's per-token state would recompile it until it gave up)."""
     from torch._dynamo.utils import counters
 
-    class Holder(L.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
     prompt = torch.tensor([[5, 9, 14, 3]])
     torch.manual_seed(0)
     expected = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
     callback = CompileLayers(loss=False)
-    callback.on_fit_start(L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False), Holder(tiny_model))
+    callback.on_fit_start(L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False), _Holder(tiny_model))
     try:
         assert all(
             isinstance(layer.__dict__.get("forward"), types.MethodType)
@@ -114,24 +117,19 @@ def test_generation_with_a_kv_cache_runs_eager(tiny_model):
 def test_the_frozen_models_layers_compile_too(tiny_model):
     """With a `ReferenceModel` on the Trainer, the reference copy's layers get the same compiled forward as
     the policy's (bound to themselves), with ``frozen=False`` they stay eager; teardown restores both."""
-    from lit_posttrain.callbacks import ReferenceModel
-
-    class Holder(L.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
     for frozen in (True, False):
         reference = ReferenceModel()
         reference.model = copy.deepcopy(tiny_model)
         trainer = L.Trainer(accelerator="cpu", callbacks=[reference], logger=False, enable_progress_bar=False)
         callback = CompileLayers(frozen=frozen, loss=False)
-        callback.on_fit_start(trainer, Holder(tiny_model))
-        policy_forward = decoder_layers(tiny_model)[0].__dict__["forward"].__func__
-        for layer in decoder_layers(reference.model):
-            bound = layer.__dict__.get("forward")
-            assert (bound.__func__ is policy_forward and bound.__self__ is layer) if frozen else bound is None
-        callback.teardown(trainer, None, "fit")
+        callback.on_fit_start(trainer, _Holder(tiny_model))
+        try:  # the session's tiny_model must be eager again for the other tests, whatever fails here
+            policy_forward = decoder_layers(tiny_model)[0].__dict__["forward"].__func__
+            for layer in decoder_layers(reference.model):
+                bound = layer.__dict__.get("forward")
+                assert (bound.__func__ is policy_forward and bound.__self__ is layer) if frozen else bound is None
+        finally:
+            callback.teardown(trainer, None, "fit")
         assert all(
             "forward" not in layer.__dict__
             for layer in decoder_layers(reference.model) + decoder_layers(tiny_model)
