@@ -118,7 +118,7 @@ def run(args) -> dict:
     peaks = probe_peaks()  # this machine's matmul peak now, with the threads the run uses
     L.seed_everything(args.seed)
     module = DPOModule(
-        args.model_dir, random_init=True, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6)
+        args.model_dir, random_init=True, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, fused=True)
     )
     generator = torch.Generator().manual_seed(args.seed)
 

@@ -171,7 +171,7 @@ def run_async(args, model_dir: Path) -> dict:
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
         micro_batch_size=args.micro_batch_size,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True),
         max_staleness=staleness,
         buffer_size=args.buffer_size or staleness + 1,
         vllm_kv_cache_memory_bytes=args.vllm_kv_cache_mb * 2**20,
@@ -232,7 +232,7 @@ def run(args, model_dir: Path) -> dict:
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
         micro_batch_size=args.micro_batch_size,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True),
     )
     generator = torch.Generator().manual_seed(args.seed)
     rows = [

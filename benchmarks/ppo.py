@@ -58,7 +58,7 @@ def run(args, model_dir: Path, reward_dir: Path) -> dict:
 
     L.seed_everything(args.seed)
     reward = RewardModelScorer(str(reward_dir), batch_size=args.batch_size * args.num_generations)
-    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-5)
+    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True)
     if args.method == "grpo":
         module = GRPOModule(
             str(model_dir), random_init=True, reward_funcs=[reward], num_generations=args.num_generations,

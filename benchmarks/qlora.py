@@ -101,7 +101,7 @@ def run(args) -> dict:
         args.model_dir,
         lora=lora,
         quantization=quantization,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, fused=True),
     )
     rss_after_load = current_rss_mb()
     generator = torch.Generator().manual_seed(args.seed)

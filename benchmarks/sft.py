@@ -75,7 +75,7 @@ def run_once(packing: str, steps: int, batch_size: int, max_length: int, precisi
     letters = "abcdefghijklmnopqrstuvwxyz "
     rows = [{"text": "".join(rng.choice(letters) for _ in range(rng.randint(16, max_length)))} for _ in range(2000)]
     tiny = str(ROOT / "examples" / "tiny-model")
-    module = SFTModule(tiny, random_init=True, model_config=MODELS[model], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
+    module = SFTModule(tiny, random_init=True, model_config=MODELS[model], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True))
     dm = SFTDataModule(tiny, train_data=rows, batch_size=batch_size, max_length=max_length, packing=None if packing == "none" else packing)
 
     class Timer(L.Callback):

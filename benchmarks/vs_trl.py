@@ -26,7 +26,8 @@ sequences generated once and written to a JSONL file that both read.
   even token ids in the completion (varies between samples, so advantages are not all 0).
   ``--vllm`` adds a third run: lit-posttrain with `VLLMRollout` (colocated engine; TRL still uses
   HF generate).
-Both libraries: AdamW (``torch.optim.AdamW``, betas 0.9/0.999, eps 1e-8, weight decay 0) at the
+Both libraries: fused AdamW (``torch.optim.AdamW(fused=True)``, both defaults: TRL's ``optim`` is
+``adamw_torch_fused``; betas 0.9/0.999, eps 1e-8, weight decay 0) at the
 same constant ``--lr`` (default: TRL's default for the method), gradient clipping at norm 1.0
 (TRL's default), no gradient checkpointing (TRL's configs default to it: it is turned off), the
 same ``--precision`` (``32-true``: TRL ``bf16=False``; ``bf16-mixed``: TRL ``bf16=True``, i.e.
@@ -204,7 +205,7 @@ def lit_posttrain_run(args) -> tuple[list[float], list[float]]:
             self.ends.append(time.perf_counter())
 
     L.seed_everything(args.seed)
-    optimizer = lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)
     callbacks = []
     if args.workload == "sft":
         module = SFTModule(args.model_dir, optimizer=optimizer)
@@ -289,7 +290,7 @@ def trl_run(args) -> tuple[list[float], list[float]]:
         max_steps=total_steps(args),
         learning_rate=args.lr,
         lr_scheduler_type="constant",
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # TRL's default, as lit-posttrain's fused AdamW
         weight_decay=0.0,
         max_grad_norm=1.0,
         gradient_accumulation_steps=1,
@@ -353,7 +354,7 @@ def plain_run(args) -> tuple[list[float], list[float]]:
         compiled = torch.compile(type(model.model.layers[0]).forward, dynamic=True)
         for layer in model.model.layers:
             layer.forward = types.MethodType(compiled, layer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     generator = torch.Generator().manual_seed(args.seed)
     units, ends = [], []

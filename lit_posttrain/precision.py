@@ -70,3 +70,36 @@ def warn_if_slow_precision(trainer) -> str | None:
     if message is not None:
         rank_zero_warn(message, category=SlowPrecisionWarning)
     return message
+
+
+def fused_clipping_message(precision: str, clip_val: float | None, optimizers) -> str | None:
+    """The error for clipping a fused optimizer's gradients under ``16-mixed``, or None where it works.
+
+    ``16-mixed`` scales the loss (a GradScaler); an optimizer that unscales the gradients inside its
+    own step (``torch.optim.AdamW(fused=True)``, the methods' default) leaves them scaled until then,
+    so Lightning cannot clip them and raises at the first optimizer step. bf16 needs no scaler.
+
+    Args:
+        precision: Lightning's precision string (``trainer.precision``).
+        clip_val: the clipping value in force (``trainer.gradient_clip_val`` or the module's
+            ``max_grad_norm``); None or 0 is no clipping.
+        optimizers: the run's optimizers (``trainer.optimizers``).
+    """
+    if precision != "16-mixed" or not clip_val:
+        return None
+    if not any(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers):
+        return None
+    return (
+        f"trainer.precision: 16-mixed cannot clip the gradients (at {clip_val}) of a fused optimizer: its "
+        "gradients stay loss-scaled until its own step. The methods' default AdamW is fused (as TRL's "
+        "adamw_torch_fused); set model.init_args.optimizer to class_path: torch.optim.AdamW with "
+        "init_args: {lr: ..., fused: false}, or use trainer.precision: bf16-mixed where the GPU has bfloat16."
+    )
+
+
+def check_fused_clipping(trainer, pl_module) -> None:
+    """Raise `fused_clipping_message` as a ValueError before the first step (Lightning would raise at it)."""
+    clip_val = trainer.gradient_clip_val or getattr(pl_module, "max_grad_norm", None)
+    message = fused_clipping_message(str(trainer.precision), clip_val, trainer.optimizers)
+    if message is not None:
+        raise ValueError(message)

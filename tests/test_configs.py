@@ -9,6 +9,7 @@ by the real constructors. Strategy configs are merged with the SFT quickstart.
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_posttrain.cli import PostTrainCLI
@@ -61,6 +62,9 @@ def test_config_instantiates(path, monkeypatch):
     assert type(cli.model).__name__ == parsed.model.class_path.rsplit(".", 1)[1]
     assert cli.datamodule.tokenizer is not None
     assert cli.trainer is not None
+    optimizer = cli.model.optimizer([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.AdamW), f"{path.name}: AdamW, as every method's default"
+    assert optimizer.defaults["fused"], f"{path.name}: AdamW is fused (the default; TRL's adamw_torch_fused)"
 
 
 @pytest.mark.parametrize("path", STRATEGIES, ids=[p.name for p in STRATEGIES])

@@ -6,9 +6,15 @@ import warnings
 
 import lightning as L
 import pytest
+import torch
 
 from lit_posttrain import precision
-from lit_posttrain.precision import SlowPrecisionWarning, slow_precision_message, warn_if_slow_precision
+from lit_posttrain.precision import (
+    SlowPrecisionWarning,
+    fused_clipping_message,
+    slow_precision_message,
+    warn_if_slow_precision,
+)
 
 
 def _slow_warnings(trainer: L.Trainer) -> list[str]:
@@ -80,3 +86,24 @@ def test_a_fit_warns_at_setup(tiny_model_dir, cpu_without_native_low_precision):
 
     assert len(fit_warnings("bf16-mixed")) == 1
     assert fit_warnings("32-true") == []
+
+
+def test_16_mixed_with_clipping_refuses_a_fused_optimizer_before_the_first_step():
+    """Lightning's 16-mixed cannot clip the still-scaled gradients of an optimizer that unscales in its
+    own step (fused AdamW, the methods' default), and raises at the first step; `check_fused_clipping`
+    (the default TrainingDiagnostics' on_fit_start) says so before it, naming the option to set. bf16
+    (no scaler), no clipping, or an unfused AdamW pass."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    fused, unfused = torch.optim.AdamW(params, fused=True), torch.optim.AdamW(params)
+    # the premise, in Lightning's own plugin (16-mixed itself is turned into bf16-mixed on a CPU Trainer)
+    with pytest.raises(RuntimeError, match="fused"):
+        MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")).clip_gradients(fused, 1.0)
+    message = fused_clipping_message("16-mixed", 1.0, [fused])
+    assert "16-mixed" in message and "fused: false" in message and "bf16-mixed" in message
+    assert fused_clipping_message("16-mixed", 1.0, [unfused]) is None
+    assert fused_clipping_message("16-mixed", None, [fused]) is None
+    assert fused_clipping_message("16-mixed", 0.0, [fused]) is None
+    assert fused_clipping_message("bf16-mixed", 1.0, [fused]) is None
+    assert fused_clipping_message("32-true", 1.0, [fused]) is None

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 
 from lit_posttrain.diagnostics import Diagnoser, Finding, Thresholds, run_context
-from lit_posttrain.precision import warn_if_slow_precision
+from lit_posttrain.precision import check_fused_clipping, warn_if_slow_precision
 
 
 class LearningSignal(L.Callback):
@@ -201,6 +201,9 @@ class TrainingDiagnostics(L.Callback):
         self._val_start, self._val_time = None, 0.0
         for i, logger in enumerate(trainer.loggers):
             self._wrap(trainer, pl_module, logger, diagnose=i == 0)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_fused_clipping(trainer, pl_module)  # 16-mixed cannot clip a fused AdamW (the default): say so now
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()

@@ -398,7 +398,8 @@ class GKDModule(L.LightningModule):
             dataset's completions (TRL False).
         disable_dropout: set the student's dropout to 0 (TRL True).
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback unless the Trainer has one.
-        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
+        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``); the
+            default AdamW is fused (``fused=True``, TRL's ``adamw_torch_fused``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
 
@@ -427,7 +428,7 @@ class GKDModule(L.LightningModule):
         seq_kd: bool = False,
         disable_dropout: bool = True,
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()

@@ -517,7 +517,8 @@ class PPOModule(L.LightningModule):
             (TRL's GRPO names; see the module docstring).
         max_grad_norm: clip the gradient norm (policy and value together) at each optimizer step.
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback unless there is one.
-        optimizer: optimizer factory, over the policy's and the value model's trainable parameters.
+        optimizer: optimizer factory, over the policy's and the value model's trainable parameters
+            (default AdamW at 3e-6, fused as TRL's ``adamw_torch_fused``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
 
     Metrics (``train/``, one row per generation batch, over every rank's samples): at generation,
@@ -576,7 +577,7 @@ class PPOModule(L.LightningModule):
         vllm_importance_sampling_cap: float = 3.0,
         max_grad_norm: float | None = 1.0,
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=3e-6),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=3e-6, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()

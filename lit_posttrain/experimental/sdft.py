@@ -496,7 +496,8 @@ class SDFTModule(L.LightningModule):
         disable_dropout: set dropout to 0 so student and teacher passes are deterministic (TRL's default).
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback unless the Trainer
             has one; False opts out.
-        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
+        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``); the
+            default AdamW is fused (``fused=True``, TRL's ``adamw_torch_fused``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step; a
             `lit_posttrain.schedulers.WarmupDecayLR` without ``num_training_steps`` gets the run's.
     """
@@ -532,7 +533,7 @@ class SDFTModule(L.LightningModule):
         num_loss_tokens_to_skip: int = 0,
         disable_dropout: bool = True,
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()

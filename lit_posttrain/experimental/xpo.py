@@ -365,7 +365,7 @@ class XPOModule(L.LightningModule):
         missing_eos_penalty: subtracted from the score of a completion without EOS (>= 0; None: off).
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback unless the Trainer
             has one; False opts out.
-        optimizer: optimizer factory (default AdamW at TRL's 5e-7).
+        optimizer: optimizer factory (default AdamW at TRL's 5e-7, fused as TRL's ``adamw_torch_fused``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step. A
             `lit_posttrain.schedulers.WarmupDecayLR` without ``num_training_steps`` gets the run's steps.
 
@@ -417,7 +417,7 @@ class XPOModule(L.LightningModule):
         loss_type: LossType = "sigmoid",
         missing_eos_penalty: float | None = None,
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=5e-7),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=5e-7, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()

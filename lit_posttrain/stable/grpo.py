@@ -609,7 +609,8 @@ class GRPOModule(L.LightningModule):
         max_tool_response_tokens: a tool result is cut to this many tokens.
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
             run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
-        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
+        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``); the
+            default AdamW is fused (``fused=True``, TRL's ``adamw_torch_fused``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step. A
             `lit_posttrain.schedulers.WarmupDecayLR` without ``num_training_steps`` gets the run's
             optimizer steps.
@@ -679,7 +680,7 @@ class GRPOModule(L.LightningModule):
         tool_timeout: float = 10.0,
         max_tool_response_tokens: int = 128,
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()

@@ -509,7 +509,8 @@ class KTOModule(L.LightningModule):
             policy and the reference see the same network at the start.
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
             run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
-        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
+        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``); the
+            default AdamW is fused (``fused=True``, TRL's ``adamw_torch_fused``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
 
@@ -536,7 +537,7 @@ class KTOModule(L.LightningModule):
         undesirable_weight: float = 1.0,
         disable_dropout: bool = True,
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-6, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()

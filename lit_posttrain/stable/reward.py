@@ -350,7 +350,8 @@ class RewardModule(L.LightningModule):
             default), so the chosen and rejected scores come from the same network.
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
             run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
-        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
+        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``); the
+            default AdamW is fused (``fused=True``, TRL's ``adamw_torch_fused``).
             The default learning rate 1e-4 is TRL's ``RewardConfig`` default.
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
@@ -375,7 +376,7 @@ class RewardModule(L.LightningModule):
         center_rewards_coefficient: float | None = None,
         disable_dropout: bool = True,
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-4),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-4, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()

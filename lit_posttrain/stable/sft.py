@@ -429,7 +429,8 @@ class SFTModule(L.LightningModule):
         loss_type: ``nll`` or ``dft`` (dynamic fine-tuning).
         diagnostics: add a `lit_posttrain.callbacks.TrainingDiagnostics` callback (findings about the
             run's health, docs/diagnostics.md) unless the Trainer has one; False opts out.
-        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``).
+        optimizer: optimizer factory (YAML: ``class_path: torch.optim.AdamW`` + ``init_args``); the
+            default AdamW is fused (``fused=True``, TRL's ``adamw_torch_fused``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
     """
 
@@ -452,7 +453,7 @@ class SFTModule(L.LightningModule):
         quantization: dict | None = None,
         loss_type: Literal["nll", "dft"] = "nll",
         diagnostics: bool = True,
-        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5),
+        optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=2e-5, fused=True),
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
