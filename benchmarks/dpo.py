@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
-    parser.add_argument("--compile", action="store_true", help="with CompileLayers (the policy's layers and loss compiled)")
+    parser.add_argument("--compile", action="store_true", help="with CompileLayers (the policy's layers compiled)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every-n-steps", type=int, default=10, help="Lightning's metric logging interval")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")

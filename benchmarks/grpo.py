@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--compile", action="store_true",
-                        help="with CompileLayers (training forwards and loss compiled; HF generate stays eager)")  # fmt: skip
+                        help="with CompileLayers (training forwards compiled; HF generate stays eager)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -39,7 +39,7 @@ lit-posttrain's `TrainingDiagnostics`).
 ``--plain`` (sft) adds a third run: a plain PyTorch loop over the same model (`plain_run`: random
 tokens, no packing, full logits, no Lightning and no metrics), the floor a library should not fall
 below; its ratio is printed as ``lit-posttrain/plain-pytorch``. ``--compile`` adds lit-posttrain with
-`CompileLayers` (its decoder layers and its loss through ``torch.compile``) and, with ``--plain``, the
+`CompileLayers` (its decoder layers through ``torch.compile``; the loss stays eager, in place) and, with ``--plain``, the
 plain loop with its decoder layers compiled the same way (its loss is transformers' own): the first
 steps compile, so keep ``--warmup`` >= 2. TRL runs eager in every case.
 
@@ -233,7 +233,7 @@ def lit_posttrain_run(args) -> tuple[list[float], list[float]]:
                 seed=args.seed,
             ))  # fmt: skip
     if (args.worker or "").endswith("+compile"):
-        callbacks.append(CompileLayers())  # the decoder layers and the loss through torch.compile
+        callbacks.append(CompileLayers())  # the decoder layers through torch.compile (the loss stays eager)
     steps = StepEnds()
     trainer = L.Trainer(
         accelerator=args.device,

@@ -56,7 +56,7 @@ def test_compiled_run_equals_eager_and_restores(tiny_model_dir, tmp_path, monkey
     monkeypatch.delenv("LIT_POSTTRAIN_COMPILE_LOSS", raising=False)
     eager, eager_rows = _run(tiny_model_dir, tmp_path, "eager", [])
     watch = _WatchLayers()
-    compiled, compiled_rows = _run(tiny_model_dir, tmp_path, "compiled", [CompileLayers(), watch])
+    compiled, compiled_rows = _run(tiny_model_dir, tmp_path, "compiled", [CompileLayers(loss=True), watch])
 
     assert len(watch.seen) == 6 and all(all(seen.values()) for seen in watch.seen), watch.seen
     assert sorted(compiled_rows) == sorted(eager_rows) and len(eager_rows) == 6
