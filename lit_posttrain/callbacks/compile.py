@@ -1,5 +1,5 @@
-"""`CompileLayers`: the trained model's decoder layers, and the loss's work over the vocabulary, through
-``torch.compile`` for the length of a run.
+"""`CompileLayers`: the trained model's decoder layers (and, with ``loss=True``, the loss's work over the
+vocabulary) through ``torch.compile`` for the length of a run.
 
 Regional compilation: each repeated transformer block (``model._no_split_modules``: the units FSDP2
 shards too) runs a compiled ``forward``, and since the blocks share one class, one compiled graph serves
@@ -32,8 +32,9 @@ GPU. ``dynamic=True`` (default) compiles for any sequence length at once, so var
 layers"): SFT in ``bf16-true`` 1.58x faster than eager ``bf16-true`` on a CPU with AMX, 2.10x eager
 float32; float32 itself gains nothing there. Since the eager loss computes its log-softmax in place
 (docs/benchmarks.md, "The loss in place"), eager float32 and ``bf16-true`` are faster and the margin is
-smaller: ``bf16-true`` with the layers compiled 1.06x eager ``bf16-true``, 1.85x eager float32, and
-``loss=True`` no faster than ``loss=False`` there.
+smaller: ``bf16-true`` with the layers compiled 1.07x eager ``bf16-true`` and 2.03x eager float32 (both
+with fused AdamW, the default; docs/benchmarks.md, "Fused AdamW by default"), and ``loss=True`` slower
+than ``loss=False`` (hence its default).
 """
 
 from __future__ import annotations
