@@ -72,15 +72,7 @@ class LearningSignal(L.Callback):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        before_label = "before" if self.before_step is None else f"step {self.before_step}"
-        after_label = "after" if self.after_step is None else f"step {self.after_step}"
-        rows = [f"{'LearningSignal':<28}{before_label:>10}{after_label:>10}{'change':>10}"]
-        for name in self.metrics:
-            before, after = self.before.get(name), self.after.get(name)
-            if before is None or after is None:
-                rows.append(f"{name:<28}{_fmt(before):>10}{_fmt(after):>10}{'':>10}")
-            else:
-                rows.append(f"{name:<28}{before:>10.4f}{after:>10.4f}{after - before:>+10.4f}")
+        rows = self.table()
         if not self.before:
             rows.append("(no validation before training: set trainer.num_sanity_val_steps: -1)")
         if self.after_step is not None and self.after_step != trainer.global_step:
@@ -89,6 +81,21 @@ class LearningSignal(L.Callback):
                 "set trainer.val_check_interval so that it divides trainer.max_steps to measure the final model)"
             )
         rank_zero_info("\n".join(rows))
+
+    def table(self) -> list[str]:
+        """The header and one row per metric: name, before, after, change (names wider than the
+        default column widen it, so the figures stay aligned)."""
+        width = max([28] + [len(name) + 2 for name in self.metrics])
+        before_label = "before" if self.before_step is None else f"step {self.before_step}"
+        after_label = "after" if self.after_step is None else f"step {self.after_step}"
+        rows = [f"{'LearningSignal':<{width}}{before_label:>10}{after_label:>10}{'change':>10}"]
+        for name in self.metrics:
+            before, after = self.before.get(name), self.after.get(name)
+            if before is None or after is None:
+                rows.append(f"{name:<{width}}{_fmt(before):>10}{_fmt(after):>10}{'':>10}")
+            else:
+                rows.append(f"{name:<{width}}{before:>10.4f}{after:>10.4f}{after - before:>+10.4f}")
+        return rows
 
     def state_dict(self) -> dict:
         return {"before": self.before, "after": self.after, "before_step": self.before_step, "after_step": self.after_step}

@@ -731,3 +731,20 @@ def test_learning_signal_measures_the_final_model(tiny_model_dir):
     trainer.fit(SFTModule(tiny_model_dir, random_init=True, diagnostics=False), datamodule=dm)
     assert validated == [4, 5]  # the periodic one, then the final model once
     assert signal.before_step == 0 and signal.after_step == 5
+
+
+def test_learning_signal_columns_stay_aligned_for_long_metric_names():
+    """A metric name longer than the default name column (GKD's and SDFT's
+    val/teacher_mean_token_accuracy) widens the column instead of pushing its figures right."""
+    from lit_posttrain.callbacks import LearningSignal
+
+    names = ["val/kl", "val/teacher_mean_token_accuracy", "val/a_much_longer_metric_name_than_any_other/x"]
+    signal = LearningSignal(names)
+    signal.before, signal.after = {n: 0.5 for n in names}, {n: 0.25 for n in names[:2]}
+    signal.before_step, signal.after_step = 0, 200
+    header, *rows = signal.table()
+    assert len({len(row) for row in [header, *rows]}) == 1, [header, *rows]  # every column ends at the same place
+    width = len(names[2]) + 2
+    assert header[width:].split() == ["step", "0", "step", "200", "change"]
+    assert rows[1][:width].rstrip() == names[1] and rows[1][width:].split() == ["0.5000", "0.2500", "-0.2500"]
+    assert rows[2][width:].split() == ["0.5000", "-"]  # no "after" value
