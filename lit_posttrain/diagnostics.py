@@ -144,8 +144,11 @@ class Thresholds:
     displacement_min_nats: float = 1.0
     # LPT203: mean accuracy within this distance of 0.5 (or below 0.5 - it) after the first window
     chance_margin: float = 0.05
-    # LPT301: train/loss decreased by less than this fraction between two consecutive windows
+    # LPT301: train/loss decreased by less than this fraction between two consecutive windows, while the
+    # learning rate is at least ``loss_plateau_lr_fraction`` of its peak (a decayed schedule's end is flat
+    # by design)
     loss_plateau_fraction: float = 0.01
+    loss_plateau_lr_fraction: float = 0.1
     # LPT302: val/loss rose at this many consecutive evaluations (early stopping's patience, Prechelt 1998)
     val_rises: int = 2
     # LPT303: fraction of rows cut at max_length
@@ -1173,6 +1176,10 @@ class Diagnoser:
         decrease = (before - recent) / max(abs(before), 1e-12)
         if not decrease < self.t.loss_plateau_fraction:
             return None
+        lrs = self.series.get("diagnostics/lr")
+        peak = max([*lrs.early, *lrs.values]) if lrs else 0.0  # the run's first and latest rates
+        if peak > 0 and lrs.values[-1] < self.t.loss_plateau_lr_fraction * peak:
+            return None  # the schedule has decayed the rate: a flat loss is its end, not a stall
         window = {"values": self.window, "first_step": list(series.steps)[-self.window], "last_step": step}
         return self._finding(
             "LPT301",

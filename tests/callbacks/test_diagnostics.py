@@ -387,6 +387,17 @@ def test_loss_plateau_sft_only():
     assert "LPT301" not in codes(feed([_dpo_row(loss=0.6, rewards__margins=0.1)] * 40))
 
 
+def test_loss_plateau_not_at_the_end_of_a_decayed_schedule():
+    """A flat train/loss while a schedule has decayed the rate below loss_plateau_lr_fraction (0.1) of its
+    peak is the schedule's end (the SFT quickstart's cosine), not a stall: no LPT301; at a constant rate,
+    or while the rate is still >= 10 % of its peak, the same losses raise it."""
+    cosine = [3e-3 * 0.5 * (1 + math.cos(math.pi * i / 40)) for i in range(40)]
+    assert cosine[-1] < 0.1 * 3e-3 <= cosine[30]
+    assert "LPT301" not in codes(feed([_sft_row(lr=lr) for lr in cosine]))
+    assert first(feed([_sft_row(lr=3e-3)] * 40), "LPT301").step == 39
+    first(feed([_sft_row(lr=lr) for lr in cosine[:31]] * 2), "LPT301")  # the rate still >= 10 % of its peak
+
+
 def test_train_val_gap():
     """LPT302: val/loss rises at two evaluations in a row while train/loss falls."""
     rows = []
